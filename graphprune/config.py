@@ -1,0 +1,209 @@
+"""Typed, validated configuration: one frozen dataclass per method.
+
+Entry points: :func:`parse_options` (the ``options`` dict of ``torch.compile``) and
+:func:`config_to_dict` / :func:`config_from_dict` (JSON round trip, with a type name and version).
+
+Every config shares the fields of :class:`PruneConfig` (ratio, scope, levels, the inner compiler);
+methods add their own knobs. Unknown keys, unknown methods and out-of-range values raise
+``ValueError`` naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+CONFIG_VERSION = 1
+SCOPES = ("self", "cross", "ff")
+COMPILERS = ("inductor", "eager", "aot_eager")
+PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
+
+# method name -> config class; filled by @register_config below (methods/ register their math separately).
+_CONFIG_TYPES: dict[str, type["PruneConfig"]] = {}
+
+
+def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
+    """Class decorator: make ``cls`` reachable as ``options={"method": cls.method}``."""
+    _CONFIG_TYPES[cls.method] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    """Names of every registered method, sorted."""
+    return tuple(sorted(_CONFIG_TYPES))
+
+
+def _parse_scope(scope: Any) -> tuple[str, ...]:
+    """'self' | 'self+cross' | 'self+cross+ff' | a list of those words -> a sorted canonical tuple."""
+    if isinstance(scope, str):
+        parts = [p.strip() for p in scope.replace(",", "+").split("+") if p.strip()]
+    elif isinstance(scope, (list, tuple)):
+        parts = [str(p) for p in scope]
+    else:
+        raise ValueError(f"scope must be a string like 'self+cross' or a list of {SCOPES}, got {scope!r}")
+    bad = [p for p in parts if p not in SCOPES]
+    if bad or not parts:
+        raise ValueError(f"unknown scope part(s) {bad or parts!r}; valid parts are {SCOPES}, e.g. 'self+cross+ff'")
+    if "self" not in parts:
+        raise ValueError("scope must include 'self': the plan is made at the self-attention of each block")
+    return tuple(p for p in SCOPES if p in parts)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Fields every method shares.
+
+    Important args:
+        ratio: fraction of the N tokens removed at each pruned site, ``0 <= ratio < 1`` (per-method caps apply:
+            with 2x2 cells at most ``1 - 1/(sx*sy) = 0.75``). ``0`` leaves the model unchanged.
+        scope: what runs on the K kept tokens: ``"self"`` (default), ``"self+cross"``, ``"self+cross+ff"``.
+        max_downsample: prune sites whose token grid is at most this factor coarser than the finest attention
+            grid of the graph (1 = the highest-resolution level only, like tomesd's default).
+        compiler: the inner compiler for the rewritten graph: ``"inductor"`` (default), ``"eager"`` (run the
+            rewritten FX graph as is; for numerics and debugging) or ``"aot_eager"``.
+        mode: forwarded to Inductor (``"max-autotune"``, ``"reduce-overhead"``, ...).
+
+    Args to tinker with:
+        sx, sy: the cell stride on the token grid (one destination/base token per sy x sx cell).
+    """
+
+    method: ClassVar[str] = ""
+    ratio: float = 0.5
+    scope: tuple[str, ...] = ("self",)
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    compiler: str = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scope", _parse_scope(self.scope))
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+        if not 0.0 <= float(self.ratio) < 1.0:
+            raise ValueError(f"ratio must satisfy 0 <= ratio < 1 (fraction of tokens removed), got {self.ratio}")
+        object.__setattr__(self, "ratio", float(self.ratio))
+        cap = self.max_ratio()
+        if self.ratio > cap:
+            raise ValueError(
+                f"{self.method}: ratio {self.ratio} is above {cap:.4f} = 1 - 1/(sx*sy) with sx={self.sx}, "
+                f"sy={self.sy} (one token per cell is always kept); lower the ratio or raise sx/sy"
+            )
+        for name in ("sx", "sy", "max_downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"unknown compiler {self.compiler!r}; valid compilers are {COMPILERS}")
+        if self.mode is not None and self.compiler != "inductor":
+            raise ValueError(f"mode={self.mode!r} is an Inductor option; it needs compiler='inductor'")
+        if self.mode is not None:
+            import torch._inductor
+
+            valid = tuple(torch._inductor.list_mode_options())
+            if self.mode not in valid:
+                raise ValueError(f"unknown Inductor mode {self.mode!r}; valid modes are {valid}")
+
+    def max_ratio(self) -> float:
+        """The largest ratio this method accepts with the current cell stride."""
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+
+@register_config
+@dataclass(frozen=True)
+class ToMeConfig(PruneConfig):
+    """ToMe for SD (tomesd): bipartite soft matching, merge by mean, unmerge by copy.
+
+    Args to tinker with:
+        use_rand: pick each cell's destination at a random position (drawn per call from a dedicated generator
+            seeded with ``seed``, shared by the batch, like tomesd); ``False`` takes the top-left position.
+            Turned off for odd batch sizes, as tomesd does.
+        seed: seed of graphprune's own generator (the user's RNG stream is never consumed).
+    """
+
+    method: ClassVar[str] = "tome"
+    use_rand: bool = True
+    seed: int = 0
+
+
+@register_config
+@dataclass(frozen=True)
+class SiToConfig(PruneConfig):
+    """SiTo: similarity-based base-token selection, pruning, copy recovery (AAAI 2025, official code semantics).
+
+    Args to tinker with:
+        noise_alpha, sim_beta: score = sim_beta * SimScore + noise_alpha * N(0, 1) noise per token.
+        recover: ``"kept"`` (official code: copy the most similar kept token) or ``"base"`` (paper figure: copy
+            the most similar base token; cheaper).
+        seed: seed of graphprune's own generator that draws the noise (one (B, N) draw per site and call).
+        plan_dtype: dtype of the similarity computations; ``None`` uses the model's dtype. The official code
+            computes in float16 (where the noise rarely changes a score; see the README).
+    """
+
+    method: ClassVar[str] = "sito"
+    noise_alpha: float = 0.1
+    sim_beta: float = 1.0
+    recover: str = "kept"
+    seed: int = 0
+    plan_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recover not in ("kept", "base"):
+            raise ValueError(f"recover must be 'kept' (official code) or 'base' (paper), got {self.recover!r}")
+        if self.plan_dtype not in PLAN_DTYPES:
+            raise ValueError(f"plan_dtype must be one of {PLAN_DTYPES}, got {self.plan_dtype!r}")
+
+
+def config_fields(cls: type[PruneConfig]) -> tuple[str, ...]:
+    """The option keys a config class accepts (besides ``method``)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def parse_options(options: Mapping[str, Any] | PruneConfig | None) -> PruneConfig:
+    """``torch.compile(..., options=...)`` -> a validated config.
+
+    >>> parse_options({"method": "sito", "ratio": 0.5}).ratio
+    0.5
+    """
+    if isinstance(options, PruneConfig):
+        return options
+    options = dict(options or {})
+    name = options.pop("method", "tome")
+    if name not in _CONFIG_TYPES:
+        raise ValueError(f"unknown method {name!r}; valid methods are {method_names()}")
+    cls = _CONFIG_TYPES[name]
+    valid = config_fields(cls)
+    unknown = sorted(k for k in options if k not in valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid options are {('method',) + valid}")
+    return cls(**options)
+
+
+def config_to_dict(config: PruneConfig) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"_type": method, "_version": n, "_data": {...}}``."""
+    data = dataclasses.asdict(config)
+    data["scope"] = list(config.scope)
+    return {"_type": config.method, "_version": CONFIG_VERSION, "_data": data}
+
+
+def config_from_dict(blob: Mapping[str, Any] | str) -> PruneConfig:
+    """Inverse of :func:`config_to_dict` (also takes the JSON text)."""
+    if isinstance(blob, str):
+        blob = json.loads(blob)
+    if blob.get("_version") != CONFIG_VERSION:
+        raise ValueError(f"config version {blob.get('_version')!r} is not {CONFIG_VERSION}")
+    return parse_options({"method": blob["_type"], **blob["_data"]})
+
+
+def with_overrides(config: PruneConfig, **changes: Any) -> PruneConfig:
+    """A copy of ``config`` with fields replaced (validated again)."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "PruneConfig", "ToMeConfig", "SiToConfig", "parse_options", "config_to_dict", "config_from_dict",
+    "method_names", "register_config", "with_overrides",
+]

@@ -1,0 +1,97 @@
+"""The method protocol and registry: what a token-reduction method provides to the rewrite.
+
+A method is plain torch: :meth:`TokenMethod.plan` turns the site's similarity metric into a *plan* (a tuple of
+index tensors whose shapes are fixed by the trace: K is a Python int), :meth:`~TokenMethod.reduce` applies it to
+tokens ``x: (B, N, C) -> (B, K, C)`` and :meth:`~TokenMethod.restore` maps ``y: (B, K, c) -> (B, N, c)``.
+Randomness never comes from an RNG inside the graph: a method lists the random tensors it needs
+(:class:`RandomSpec`) and the backend feeds them as graph inputs drawn from a dedicated seeded generator.
+
+Register with ``@register_method``; dispatch is a dict lookup by config type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+
+from ..config import PruneConfig
+
+Plan = tuple[torch.Tensor, ...]
+ConfigT = TypeVar("ConfigT", bound=PruneConfig)
+
+
+@dataclass(frozen=True)
+class SiteGeometry:
+    """Static facts about one pruning site: batch B, tokens N = H * W (row-major grid), channels C."""
+
+    B: int
+    N: int
+    C: int
+    H: int
+    W: int
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """A random tensor a plan needs on every call: ``kind`` 'normal' (float32) or 'randint' in [0, high)."""
+
+    shape: tuple[int, ...]
+    kind: str
+    high: int = 0
+
+
+class SiteSkip(Exception):
+    """Raised by a method when it cannot prune a site; the message is the logged reason."""
+
+
+class TokenMethod(Generic[ConfigT]):
+    """Base class of every method. Subclasses set ``name`` and ``config_type`` and implement the four hooks."""
+
+    name: str = ""
+    config_type: type[PruneConfig] = PruneConfig
+    #: whether the plan measures similarity on the pre-norm block input (ToMe, SiTo) or needs nothing
+    uses_metric: bool = True
+
+    def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
+        """Kept tokens K (a Python int, < N). Raise :class:`SiteSkip` with a reason if the site can't be pruned."""
+        raise NotImplementedError
+
+    def random_inputs(self, config: ConfigT, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
+        """Random tensors :meth:`plan` takes after the metric, drawn anew on every call."""
+        return ()
+
+    def plan(self, config: ConfigT, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:
+        """metric: (B, N, C') -> a tuple of tensors with static shapes (index maps)."""
+        raise NotImplementedError
+
+    def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, K, C)."""
+        raise NotImplementedError
+
+    def restore(self, config: ConfigT, plan: Plan, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, K, c) -> (B, N, c)."""
+        raise NotImplementedError
+
+
+_METHODS: dict[type[PruneConfig], TokenMethod] = {}
+
+
+def register_method(cls: type[TokenMethod]) -> type[TokenMethod]:
+    """Class decorator: one instance of ``cls`` serves every config of type ``cls.config_type``."""
+    _METHODS[cls.config_type] = cls()
+    return cls
+
+
+def method_for(config: PruneConfig) -> TokenMethod:
+    """The registered method for a config instance."""
+    try:
+        return _METHODS[type(config)]
+    except KeyError:
+        raise NotImplementedError(f"method {config.method!r} has a config but no implementation yet") from None
+
+
+def registered_methods() -> dict[str, TokenMethod]:
+    """Method name -> implementation, for every implemented method (the conformance suite iterates this)."""
+    return {m.name: m for m in _METHODS.values()}

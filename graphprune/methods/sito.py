@@ -1,0 +1,87 @@
+"""SiTo (Zhang et al., AAAI 2025): similarity-based token pruning with copy recovery, static-shape form.
+
+Semantics of the official code (research/sito.md sections 3 and 9), per batch element:
+1. m = L2-normalized pre-norm block input; SimScore_i = sum_j cos(i, j) = m_i . sum_j m_j (exact O(NC) identity of
+   the official O(N^2 C) row sum).
+2. score = sim_beta * SimScore + noise_alpha * eps, eps ~ N(0, 1) (B, N) drawn per call by graphprune's own
+   generator and fed as a graph input; the base token of each sy x sx cell is the cell's argmax.
+3. Each other token ("candidate") gets its best cosine to any base token; the R = int(N * ratio) candidates with the
+   highest value are pruned. Kept: [unpruned candidates..., base...], K = N - R.
+4. Recovery: each pruned token copies the output of its most similar kept token (``recover="kept"``, the code) or
+   of its most similar base token (``recover="base"``, the paper's figure).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SiToConfig
+from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod, register_method
+from .tokens import cell_split, gather_tokens, scatter_slots, top_and_rest
+
+
+def prune_count(config: SiToConfig, geo: SiteGeometry) -> tuple[int, int, int]:
+    """(R pruned, Nc candidates, P base tokens) for a site."""
+    P = (geo.H // config.sy) * (geo.W // config.sx)
+    return int(geo.N * config.ratio), geo.N - P, P
+
+
+@register_method
+class SiTo(TokenMethod[SiToConfig]):
+    """Similarity-based base selection, pruning and copy recovery."""
+
+    name = "sito"
+    config_type = SiToConfig
+
+    def budget(self, config: SiToConfig, geo: SiteGeometry) -> int:
+        R, Nc, P = prune_count(config, geo)
+        if P == 0:
+            raise SiteSkip(f"grid {geo.H}x{geo.W} is smaller than one {config.sy}x{config.sx} cell")
+        if R <= 0:
+            raise SiteSkip(f"ratio {config.ratio} prunes no token of N={geo.N}")
+        if R > Nc:
+            raise SiteSkip(f"R={R} pruned tokens exceed the {Nc} non-base tokens; lower the ratio")
+        return geo.N - R
+
+    def random_inputs(self, config: SiToConfig, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
+        return (RandomSpec((geo.B, geo.N), "normal"),) if config.noise_alpha != 0 else ()
+
+    def plan(self, config: SiToConfig, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:
+        """metric: (B, N, C) block input, rand: optional noise (B, N) -> (keep (B, K), slot (B, N))."""
+        B, N = metric.shape[:2]
+        H, W, sx, sy = geo.H, geo.W, config.sx, config.sy
+        R, Nc, P = prune_count(config, geo)
+        K, Ku = N - R, Nc - R
+        dtype = getattr(torch, config.plan_dtype) if config.plan_dtype else metric.dtype
+        m = F.normalize(metric.to(dtype), dim=-1)
+        # Stage 1: SimScore (row sum of the cosine graph) plus noise; base = argmax of each cell.
+        score = config.sim_beta * (m @ m.sum(dim=1)[..., None]).squeeze(-1)  # (B, N)
+        if rand:
+            score = score + config.noise_alpha * rand[0].to(dtype)
+        hp, wp = H // sy, W // sx
+        cells = score.view(B, H, W)[:, : hp * sy, : wp * sx].reshape(B, hp, sy, wp, sx)
+        loc = cells.permute(0, 1, 3, 2, 4).reshape(B, P, sy * sx).argmax(dim=-1)  # (B, P)
+        base, cand = cell_split(loc, H, W, sx, sy)  # (B, P), (B, Nc)
+        # Stage 2: prune the R candidates most similar to some base token.
+        mc = gather_tokens(m, cand)
+        best, best_base = (mc @ gather_tokens(m, base).transpose(1, 2)).max(dim=-1)  # (B, Nc)
+        pruned, unpruned = top_and_rest(best, R)
+        keep = torch.cat([cand.gather(1, unpruned), base], dim=1)  # (B, K)
+        # Stage 3: recovery source of each pruned token, as a slot in [0, K).
+        if config.recover == "kept":
+            mp = gather_tokens(mc, pruned)  # (B, R, C)
+            src = (mp @ gather_tokens(m, keep).transpose(1, 2)).argmax(dim=-1)  # (B, R)
+        else:
+            src = Ku + best_base.gather(1, pruned)
+        ar = torch.arange(K, device=metric.device).expand(B, K)
+        slot = scatter_slots(torch.cat([keep, cand.gather(1, pruned)], 1), torch.cat([ar, src], 1), N)
+        return keep, slot
+
+    def reduce(self, config: SiToConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, K, C), the kept tokens."""
+        return gather_tokens(x, plan[0])
+
+    def restore(self, config: SiToConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, K, c) -> (B, N, c); pruned tokens copy their source slot."""
+        return gather_tokens(y, plan[1])

@@ -1,0 +1,247 @@
+"""Op vocabulary shared by the passes: one table per role, covering Dynamo's torch-level graphs and ATen graphs.
+
+:func:`op_kind` names what a node does (``"linear"``, ``"sdpa"``, ``"layout"``, ...), so the matcher is written
+once for both IRs. :func:`replay` re-runs a chain of layout nodes on a concrete tensor, which the matcher uses to
+*prove* that a chain of views/transposes is a head split (never guessed from shapes).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+def _ops(*names: str) -> set[Any]:
+    """Resolve 'aten.op.overload' strings that exist in this torch build."""
+    found = set()
+    for name in names:
+        obj: Any = torch.ops
+        try:
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except (AttributeError, RuntimeError):
+            continue
+        found.add(obj)
+    return found
+
+
+LINEAR = {torch._C._nn.linear, F.linear} | _ops("aten.linear.default")
+SDPA = {F.scaled_dot_product_attention} | _ops("aten.scaled_dot_product_attention.default")
+SDPA_TUPLE = _ops(
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+)
+MATMUL = {torch.matmul, operator.matmul, torch.bmm} | _ops("aten.matmul.default", "aten.bmm.default")
+BADDBMM = {torch.baddbmm} | _ops("aten.baddbmm.default")
+SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax} | _ops("aten._softmax.default", "aten.softmax.int")
+LAYER_NORM = {F.layer_norm} | _ops("aten.layer_norm.default")
+LAYOUT = {
+    torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.chunk, torch.split, torch.unbind,
+    torch.squeeze, torch.unsqueeze, operator.getitem, torch.Tensor.view, torch.Tensor.reshape,
+} | _ops(
+    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.transpose.int",
+    "aten.permute.default", "aten.t.default", "aten.flatten.using_ints", "aten.unflatten.int", "aten.chunk.default",
+    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.unbind.int", "aten.squeeze.dim",
+    "aten.unsqueeze.default", "aten.slice.Tensor", "aten.select.int", "aten.contiguous.default",
+)
+CAST = {torch.clone} | _ops(
+    "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.clone.default", "aten.alias.default",
+    "aten.detach.default", "aten.lift_fresh_copy.default",
+)
+DROPOUT = {F.dropout, torch.dropout} | _ops("aten.dropout.default")
+SCALE = {operator.mul, operator.truediv, torch.mul, torch.div} | _ops(
+    "aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar"
+)
+ADD = {operator.add, torch.add, operator.sub, torch.sub} | _ops("aten.add.Tensor", "aten.sub.Tensor")
+
+ASSERTS = _ops("aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+               "aten.sym_constrain_range_for_size.default")
+
+LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "chunk", "split",
+                  "unbind", "squeeze", "unsqueeze", "t", "__getitem__"}
+CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "clone", "detach", "type_as"}
+SCALE_METHODS = {"mul", "div", "__mul__", "__truediv__"}
+MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+ADD_METHODS = {"add", "sub", "__add__", "__sub__"}
+
+
+def real_users(node: Node) -> list[Node]:
+    """Users of ``node`` that compute something (metadata assertions that export inserts are left out)."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in ASSERTS)]
+
+
+def assert_users(node: Node) -> list[Node]:
+    """The metadata-assertion users of ``node`` (they go when the node goes)."""
+    return [u for u in node.users if u.op == "call_function" and u.target in ASSERTS]
+
+
+def op_kind(node: Node) -> str | None:
+    """The role of ``node``: linear, sdpa, sdpa_tuple, matmul, baddbmm, softmax, layer_norm, layout, cast,
+    dropout, scale, add; ``None`` for anything else."""
+    if node.op == "call_method":
+        name = node.target
+        if name in LAYOUT_METHODS:
+            return "layout"
+        if name in CAST_METHODS:
+            return "cast"
+        if name in SCALE_METHODS:
+            return "scale"
+        if name in MATMUL_METHODS:
+            return "matmul"
+        if name == "softmax":
+            return "softmax"
+        if name in ADD_METHODS:
+            return "add"
+        return None
+    if node.op != "call_function":
+        return None
+    t = node.target
+    for kind, table in (("linear", LINEAR), ("sdpa", SDPA), ("sdpa_tuple", SDPA_TUPLE), ("matmul", MATMUL),
+                        ("baddbmm", BADDBMM), ("softmax", SOFTMAX), ("layer_norm", LAYER_NORM), ("layout", LAYOUT),
+                        ("cast", CAST), ("dropout", DROPOUT), ("scale", SCALE), ("add", ADD)):
+        if t in table:
+            return kind
+    return None
+
+
+def node_val(node: Any) -> Any:
+    """The fake value a node carries: ``meta['val']`` (ATen graphs) or ``meta['example_value']`` (Dynamo)."""
+    if not isinstance(node, Node):
+        return node
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    """Static shape of a tensor-valued node; None if not a tensor or any dimension is symbolic."""
+    val = node_val(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in val.shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_symbolic(node: Node) -> bool:
+    """True if the node's value has a symbolic (dynamic) size."""
+    val = node_val(node)
+    return isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape)
+
+
+def tensor_input(node: Node) -> Node | None:
+    """The single tensor operand a layout/cast/scale/dropout node transforms (its first Node argument)."""
+    first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    return first if isinstance(first, Node) else None
+
+
+def scale_factor(node: Node) -> float | None:
+    """For ``x * c`` or ``x / c`` with a Python number c: the factor on x; None if not of that form."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    divide = (node.op == "call_method" and node.target in ("div", "__truediv__")) or (
+        node.op == "call_function" and node.target in (operator.truediv, torch.div) | _ops(
+            "aten.div.Tensor", "aten.div.Scalar"))
+    if isinstance(a, Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return 1.0 / b if divide else float(b)
+    if isinstance(b, Node) and isinstance(a, (int, float)) and not divide and not isinstance(a, bool):
+        return float(a)
+    return None
+
+
+def dropout_is_identity(node: Node) -> bool:
+    """A dropout node that does nothing (p == 0 or training is False)."""
+    args = list(node.args) + [None] * 3
+    p = node.kwargs.get("p", args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", args[2] if len(node.args) > 2 else True))
+    return p == 0 or training is False
+
+
+def named_args(node: Node, names: Sequence[str]) -> dict[str, Any]:
+    """Map a call's positional and keyword args onto ``names`` (the op's parameter order)."""
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_TUPLE_ARGS = ("query", "key", "value", "dropout_p", "is_causal")
+
+
+def replay(chain: Sequence[Node], start: Node, value: torch.Tensor) -> torch.Tensor | None:
+    """Run ``chain`` (layout/cast/scale/dropout nodes in order, fed by ``start``) on a concrete tensor.
+
+    Casts, identity dropouts and scalings are identities here (they do not move elements). Returns None if a
+    node needs a Node argument other than the chain's own values.
+    """
+    env: dict[Node, Any] = {start: value}
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, Node):
+            if a not in env:
+                raise KeyError(a)
+            return env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        return a
+
+    try:
+        for node in chain:
+            kind = op_kind(node)
+            if kind in ("cast", "scale", "dropout"):
+                env[node] = env[tensor_input(node)]
+                continue
+            args, kwargs = sub(node.args), {k: sub(v) for k, v in node.kwargs.items()}
+            if node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                env[node] = node.target(*args, **kwargs)
+    except (KeyError, RuntimeError, TypeError, IndexError, ValueError):
+        return None
+    out = env[chain[-1]] if chain else value
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def walk_back(node: Node, kinds: set[str]) -> tuple[Node, list[Node]]:
+    """Follow single-operand nodes of the given kinds upwards. Returns (source, chain in execution order)."""
+    chain: list[Node] = []
+    cur = node
+    while isinstance(cur, Node) and op_kind(cur) in kinds:
+        if op_kind(cur) == "dropout" and not dropout_is_identity(cur):
+            break
+        if op_kind(cur) == "scale" and scale_factor(cur) is None:
+            break
+        nxt = tensor_input(cur)
+        if nxt is None:
+            break
+        chain.append(cur)
+        cur = nxt
+    chain.reverse()
+    return cur, chain
+
+
+def chain_scale(chain: Sequence[Node]) -> float:
+    """Product of the scalar factors of the scale nodes in a chain."""
+    return math.prod(scale_factor(n) or 1.0 for n in chain if op_kind(n) == "scale")
+
+
+def index_tensor(shape: Sequence[int]) -> torch.Tensor:
+    """A float64 tensor whose elements are their own flat index (exact up to 2**53)."""
+    return torch.arange(math.prod(shape), dtype=torch.float64).view(*shape)
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Exact equality of shape and values."""
+    return a is not None and a.shape == b.shape and torch.equal(a, b)
+
+
+Canonical = Callable[[torch.Tensor], torch.Tensor]

@@ -1,0 +1,306 @@
+"""Splice prune -> attend -> recover around matched sites (entry point: :func:`prune_graph`).
+
+For each self-attention site that the config selects, the pass inserts
+
+    plan  = method.plan(metric, *random_inputs)          # once per transformer layer, right after the metric
+    x_K   = method.reduce(plan, x)                       # (B, N, C) -> (B, K, C)
+    y_K   = canonical_attention(x_K, x_K, Wq, ..., Wo)   # rebuilt from what the matcher proved (heads, scale)
+    y     = method.restore(plan, y_K)                    # (B, K, C) -> (B, N, C), replaces the out projection
+
+and removes the original attention nodes. The attention is *rebuilt* in canonical form from the proved weights,
+head count and scale, so no view/reshape integer of the original graph is patched. With ``scope`` including
+``cross``, the cross-attention queries of the same layer are reduced with the same plan (keys/values from the
+context are untouched); with ``ff``, the layer's feed-forward runs on the K tokens (only if every op in it is proved
+token-wise). K is a Python int fixed at trace time. New nodes carry fake-tensor metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from ..config import PruneConfig, config_to_dict
+from ..methods.base import RandomSpec, SiteGeometry, SiteSkip, TokenMethod
+from ..report import GraphReport, SiteReport
+from .match import AttentionSite, Projection, downsample_levels, find_attention_sites, module_path
+from .ops import assert_users, dropout_is_identity, node_val, op_kind, real_users, tensor_shape
+
+log = logging.getLogger(__name__)
+
+
+def canonical_attention(xq: torch.Tensor, xkv: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None,
+                        wk: torch.Tensor, bk: torch.Tensor | None, wv: torch.Tensor, bv: torch.Tensor | None,
+                        wo: torch.Tensor, bo: torch.Tensor | None, *, cols: tuple[tuple[int, int], ...], heads: int,
+                        head_dim: int, scale: float) -> torch.Tensor:
+    """Multi-head attention with out projection. xq: (B, Lq, C), xkv: (B, Lk, Ckv) -> (B, Lq, Cout).
+
+    ``cols`` holds (start, width) of the q, k, v rows of their weight (a fused qkv linear passes the same weight
+    three times with different starts).
+    """
+
+    def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, start: int, width: int) -> torch.Tensor:
+        if start != 0 or width != w.shape[0]:
+            w = w[start:start + width]
+            b = b[start:start + width] if b is not None else None
+        return F.linear(x, w, b)
+
+    B, Lq, _ = xq.shape
+    Lk = xkv.shape[1]
+    q = project(xq, wq, bq, *cols[0]).view(B, Lq, heads, head_dim).transpose(1, 2)
+    k = project(xkv, wk, bk, *cols[1]).view(B, Lk, heads, head_dim).transpose(1, 2)
+    v = project(xkv, wv, bv, *cols[2]).view(B, Lk, heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.linear(o.transpose(1, 2).reshape(B, Lq, heads * head_dim), wo, bo)
+
+
+@dataclass
+class RewriteResult:
+    """The report plus the random inputs the rewritten graph now takes (appended after its original inputs)."""
+
+    report: GraphReport
+    random_inputs: list[tuple[RandomSpec, torch.device]] = field(default_factory=list)
+    changed: bool = False
+
+
+def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+class _Splicer:
+    """Inserts nodes with fake-tensor metadata into one graph."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.val_key = "val"
+        self.fake_mode = None
+        for node in graph.nodes:
+            val = node_val(node)
+            if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+                self.fake_mode = val.fake_mode
+                self.val_key = "val" if "val" in node.meta else "example_value"
+                break
+
+    def annotate(self, node: Node) -> None:
+        if self.fake_mode is None:
+            return
+        args = map_arg(node.args, node_val)
+        kwargs = map_arg(node.kwargs, node_val)
+        with self.fake_mode:
+            node.meta[self.val_key] = node.target(*args, **kwargs)
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], stack_from: Node | None = None) -> Node:
+        node = self.graph.call_function(fn, args)
+        if stack_from is not None and "nn_module_stack" in stack_from.meta:
+            node.meta["nn_module_stack"] = dict(stack_from.meta["nn_module_stack"])
+        self.annotate(node)
+        return node
+
+    def placeholder(self, name: str, spec: RandomSpec, device: torch.device) -> Node:
+        last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(last):
+            node = self.graph.placeholder(name)
+        if self.fake_mode is not None:
+            dtype = torch.float32 if spec.kind == "normal" else torch.int64
+            with self.fake_mode:
+                node.meta[self.val_key] = torch.empty(spec.shape, dtype=dtype, device=device)
+        return node
+
+    def erase(self, nodes: set[Node]) -> None:
+        """Erase nodes (and export's metadata asserts on them) that no longer have users."""
+        for n in list(nodes):
+            for a in assert_users(n):
+                self.graph.erase_node(a)
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for n in sorted(nodes, key=lambda n: -order[n]):
+            if not n.users:
+                self.graph.erase_node(n)
+
+
+def _weights(p: Projection) -> tuple[Node, Node | None]:
+    return p.weight, p.bias
+
+
+def _attention_call(site: AttentionSite) -> Callable[..., torch.Tensor]:
+    cols = ((site.q.start, site.q.width), (site.k.start, site.k.width), (site.v.start, site.v.width))
+
+    def attend(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo):
+        return canonical_attention(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, cols=cols, heads=site.heads,
+                                   head_dim=site.head_dim, scale=site.scale)
+
+    return _named(attend, "graphprune_attention")
+
+
+def _splice_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: TokenMethod, config: PruneConfig
+                      ) -> None:
+    """Replace one attention (self or cross) by reduce -> canonical attention -> restore."""
+    reduce = _named(lambda p, x: method.reduce(config, p, x), f"graphprune_{method.name}_reduce")
+    restore = _named(lambda p, y: method.restore(config, p, y), f"graphprune_{method.name}_restore")
+    out = site.out.linear
+    with sp.graph.inserting_before(out):
+        xk = sp.call(reduce, (plan, site.x), out)
+        kv = xk if site.kind == "self" else site.context
+        y = sp.call(_attention_call(site), (xk, kv, *_weights(site.q), *_weights(site.k), *_weights(site.v),
+                                            *_weights(site.out)), out)
+        back = sp.call(restore, (plan, y), out)
+    out.replace_all_uses_with(back)
+    sp.erase(site.internal | {out})
+
+
+_TOKENWISE_KINDS = {"linear", "cast", "scale", "add", "dropout"}
+_TOKENWISE_FUNCS = {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "add", "chunk", "getitem", "mul.Tensor",
+                    "add.Tensor", "gelu.default", "silu.default", "chunk.default", "split.Tensor", "split"}
+
+
+def _last_dim_only(node: Node) -> bool:
+    """chunk/split nodes must act on the channel (last) dimension to be token-wise."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if name.split(".")[0] not in ("chunk", "split"):
+        return True
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    rank = len(tensor_shape(node.args[0]) or ())
+    return dim in (-1, rank - 1)
+
+
+def _feedforward_span(graph: Graph, ff_path: str) -> tuple[Node, Node, list[Node]] | str:
+    """The nodes of the module at ``ff_path``: (input, output, body) if the span is proved token-wise, else the
+    reason it is not."""
+    body = [n for n in graph.nodes if n.op in ("call_function", "call_method")
+            and (module_path(n) == ff_path or module_path(n).startswith(ff_path + "."))]
+    if not body:
+        return f"no feed-forward module at {ff_path}"
+    inside = set(body)
+    for n in body:
+        name = getattr(n.target, "__name__", str(n.target))
+        kind = op_kind(n)
+        ok = kind in _TOKENWISE_KINDS or name in _TOKENWISE_FUNCS or (kind == "layout" and name in (
+            "getitem", "chunk", "split", "chunk.default", "split.Tensor"))
+        if kind == "dropout" and not dropout_is_identity(n):
+            ok = False
+        if not ok or not _last_dim_only(n):
+            return f"feed-forward op {n.name} ({name}) is not proved token-wise"
+    inputs = {a for n in body for a in n.all_input_nodes if a not in inside and len(tensor_shape(a) or ()) == 3}
+    outputs = [n for n in body if any(u not in inside for u in real_users(n))]
+    if len(inputs) != 1 or len(outputs) != 1:
+        return f"feed-forward has {len(inputs)} token inputs and {len(outputs)} outputs (expected 1 and 1)"
+    return next(iter(inputs)), outputs[0], body
+
+
+def _splice_feedforward(sp: _Splicer, span: tuple[Node, Node, list[Node]], plan: Node, method: TokenMethod,
+                        config: PruneConfig) -> None:
+    """Run a token-wise feed-forward on the K kept tokens: copy its nodes onto the reduced input."""
+    inp, out, body = span
+    reduce = _named(lambda p, x: method.reduce(config, p, x), f"graphprune_{method.name}_reduce")
+    restore = _named(lambda p, y: method.restore(config, p, y), f"graphprune_{method.name}_restore")
+    with sp.graph.inserting_before(body[0]):
+        xk = sp.call(reduce, (plan, inp), body[0])
+    env: dict[Node, Node] = {inp: xk}
+    with sp.graph.inserting_before(out.next):
+        for n in body:
+            copy = sp.graph.node_copy(n, lambda a: env.get(a, a))
+            if sp.fake_mode is not None:
+                args = map_arg(copy.args, node_val)
+                kwargs = map_arg(copy.kwargs, node_val)
+                with sp.fake_mode:
+                    copy.meta[sp.val_key] = (getattr(args[0], n.target)(*args[1:], **kwargs)
+                                             if n.op == "call_method" else n.target(*args, **kwargs))
+            env[n] = copy
+        back = sp.call(restore, (plan, env[out]), out)
+    for user in list(real_users(out)):
+        if user not in env.values() and user is not back:
+            user.replace_input_with(out, back)
+    sp.erase(set(body))
+
+
+def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> RewriteResult:
+    """Match every attention in ``gm`` and rewrite the ones ``config`` selects. Mutates and recompiles ``gm``."""
+    graph = gm.graph
+    sites, unmatched = find_attention_sites(graph)
+    levels = downsample_levels(sites)
+    report = GraphReport(config=config_to_dict(config))
+    result = RewriteResult(report=report)
+    reports: dict[int, SiteReport] = {}
+    ff_reports: dict[int, SiteReport] = {}
+    for i, s in enumerate(sites):
+        reports[i] = SiteReport(module_path=s.module_path, kind=s.kind, form=s.form, N=s.N, C=s.C, heads=s.heads,
+                                grid=s.grid, level=levels.get(i))
+    sp = _Splicer(graph)
+    by_block = {}
+    for i, s in enumerate(sites):
+        by_block.setdefault((s.block_path, s.kind), []).append(i)
+    n_rand = 0
+    for i, site in enumerate(sites):
+        rep = reports[i]
+        if site.kind != "self":
+            continue
+        if site.grid is None:
+            rep.status, rep.reason = "skipped", "token grid unknown (no (B, C, H, W) -> (B, H*W, C) flattening found)"
+            continue
+        if levels[i] > config.max_downsample:
+            rep.reason = f"level {levels[i]} > max_downsample={config.max_downsample}"
+            continue
+        if config.ratio == 0:
+            rep.reason = "ratio=0: unchanged"
+            continue
+        mshape = tensor_shape(site.metric)
+        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1])
+        try:
+            rep.K = method.budget(config, geo)
+        except SiteSkip as exc:
+            rep.status, rep.reason = "skipped", str(exc)
+            log.info("graphprune: %s skipped: %s", site.module_path, exc)
+            continue
+        device = node_val(site.metric).device
+        rand_nodes = []
+        for spec in method.random_inputs(config, geo):
+            rand_nodes.append(sp.placeholder(f"graphprune_random_{n_rand}", spec, device))
+            result.random_inputs.append((spec, device))
+            n_rand += 1
+        plan_fn = _named(lambda m, *r, _geo=geo: method.plan(config, _geo, m, *r), f"graphprune_{method.name}_plan")
+        with graph.inserting_after(site.metric):
+            plan = sp.call(plan_fn, (site.metric, *rand_nodes), site.x)
+        _splice_attention(sp, site, plan, method, config)
+        rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (similarity on {site.metric_source})"
+        scope = ["self"]
+        if "cross" in config.scope:
+            for j in by_block.get((site.block_path, "cross"), []):
+                cross = sites[j]
+                if cross.N != site.N or cross.B != site.B:
+                    reports[j].status, reports[j].reason = "skipped", "token count differs from the layer's plan"
+                    continue
+                _splice_attention(sp, cross, plan, method, config)
+                reports[j].status, reports[j].K = "pruned", rep.K
+                reports[j].reason = f"queries {site.N} -> {rep.K} with the plan of {site.module_path}"
+                scope.append("cross")
+        if "ff" in config.scope:
+            ff_path = site.block_path + ".ff"
+            span = _feedforward_span(graph, ff_path)
+            ff_rep = SiteReport(module_path=ff_path, kind="ff", N=site.N, C=site.C, grid=site.grid,
+                                level=levels[i], K=rep.K)
+            if isinstance(span, str):
+                ff_rep.status, ff_rep.reason = "skipped", span
+            else:
+                _splice_feedforward(sp, span, plan, method, config)
+                ff_rep.status, ff_rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (token-wise span)"
+                scope.append("ff")
+            ff_reports[i] = ff_rep
+        result.changed = True
+    for s_i, s in enumerate(sites):
+        if s.kind == "cross" and reports[s_i].status == "kept" and not reports[s_i].reason:
+            reports[s_i].reason = "cross-attention: outside scope" if "cross" not in config.scope else \
+                "its layer's self-attention was not pruned"
+    report.sites = [r for i in range(len(sites)) for r in (reports[i], ff_reports.get(i)) if r is not None]
+    report.sites += [SiteReport(module_path=u.module_path, kind="?", status="unmatched", reason=u.reason)
+                     for u in unmatched]
+    report.random_inputs = len(result.random_inputs)
+    if result.changed:
+        graph.lint()
+        gm.recompile()
+    log.info("%s", report.summary())
+    return result
