@@ -86,22 +86,27 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return copy
 
 
-def rewrite(gm: GraphModule, config: PruneConfig) -> RewriteResult:
-    """Run the pruning pass on ``gm`` in place and record its report."""
+def rewrite(gm: GraphModule, config: PruneConfig, reports: list[GraphReport] | None = None) -> RewriteResult:
+    """Run the pruning pass on ``gm`` in place and record its report (in ``REPORTS`` and in ``reports``)."""
     result = prune_graph(gm, config, method_for(config))
     REPORTS.append(result.report)
+    if reports is not None:
+        reports.append(result.report)
     return result
 
 
 def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any = None,
-                       mode: str | None = None) -> Callable[..., Any]:
-    """torch.compile backend: ``options`` is a dict (``{"method": "sito", "ratio": 0.5, ...}``) or a config."""
+                       mode: str | None = None, reports: list[GraphReport] | None = None) -> Callable[..., Any]:
+    """torch.compile backend: ``options`` is a dict (``{"method": "sito", "ratio": 0.5, ...}``) or a config.
+
+    ``reports`` (Python callers only) receives the :class:`GraphReport` of every graph compiled.
+    """
     config = parse_options(options)
     if mode is not None and mode != "default":
         config = with_overrides(config, mode=mode)
     if config.ratio > 0:
         gm = copy_graph_module(gm)
-    result = rewrite(gm, config)
+    result = rewrite(gm, config, reports)
     if not result.random_inputs:
         return compile_inner(gm, list(example_inputs), config)
     feed = RandomFeed(result.random_inputs, getattr(config, "seed", 0))

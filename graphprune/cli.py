@@ -1,0 +1,68 @@
+"""The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="sito", help="pruning method (default: sito)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens removed (default: 0.5)")
+    p.add_argument("--scope", default="self", help="self | self+cross | self+cross+ff (default: self)")
+    p.add_argument("--max-downsample", type=int, default=1, help="prune levels up to this downsample (default 1)")
+
+
+def _model_and_inputs(args: argparse.Namespace):
+    from .archs import build_unet, example_inputs, load_unet
+
+    unet = load_unet(args.model) if args.model else build_unet(args.arch)
+    call_args, kwargs = example_inputs(unet, latent=args.latent, batch=args.batch, structured=False)
+    return unet, call_args, kwargs
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import graphprune
+
+    unet, call_args, kwargs = _model_and_inputs(args)
+    options = {"method": args.method, "ratio": args.ratio, "scope": args.scope,
+               "max_downsample": args.max_downsample}
+    report = graphprune.inspect(unet, *call_args, options=options, **kwargs)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=1)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .archs import ARCHS
+
+    parser = argparse.ArgumentParser(prog="graphprune", description="Token pruning for diffusion models as a "
+                                     "torch.compile pass.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every matched and skipped site")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list the attention sites of a UNet and what a method would do to them")
+    p.add_argument("--arch", choices=ARCHS, default="sd15", help="built-in architecture (random weights)")
+    p.add_argument("--model", help="local diffusers folder (UNet or pipeline) instead of --arch")
+    p.add_argument("--latent", type=int, default=64, help="latent height and width (default 64)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (2 = classifier-free guidance)")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    _add_method_args(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    torch.set_grad_enabled(False)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
