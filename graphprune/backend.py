@@ -108,13 +108,28 @@ def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any 
         gm = copy_graph_module(gm)
     result = rewrite(gm, config, reports)
     if not result.random_inputs:
-        return compile_inner(gm, list(example_inputs), config)
+        compiled = compile_inner(gm, list(example_inputs), config)
+        if config.compiler == "eager":  # keep the rewritten graph reachable for tests and debugging
+            return _with_graph(gm.forward, gm)
+        return compiled
     feed = RandomFeed(result.random_inputs, getattr(config, "seed", 0))
     compiled = compile_inner(gm, list(example_inputs) + feed.examples(), config)
+
     def run(*args: Any) -> Any:
         return compiled(*args, *feed.draw())
 
+    run.graphprune_graph = gm  # type: ignore[attr-defined]
     return run
+
+
+def _with_graph(fn: Callable[..., Any], gm: GraphModule) -> Callable[..., Any]:
+    """Wrap ``fn`` so that ``fn.graphprune_graph`` is the rewritten GraphModule (for tests and debugging)."""
+
+    def call(*args: Any) -> Any:
+        return fn(*args)
+
+    call.graphprune_graph = gm  # type: ignore[attr-defined]
+    return call
 
 
 __all__ = ["graphprune_backend", "last_report", "REPORTS", "RandomFeed", "rewrite"]

@@ -80,6 +80,10 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scope", _parse_scope(self.scope))
+        for name in ("sx", "sy", "max_downsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         if not 0.0 <= float(self.ratio) < 1.0:
@@ -91,10 +95,6 @@ class PruneConfig:
                 f"{self.method}: ratio {self.ratio} is above {cap:.4f} = 1 - 1/(sx*sy) with sx={self.sx}, "
                 f"sy={self.sy} (one token per cell is always kept); lower the ratio or raise sx/sy"
             )
-        for name in ("sx", "sy", "max_downsample"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"unknown compiler {self.compiler!r}; valid compilers are {COMPILERS}")
         if self.mode is not None and self.compiler != "inductor":
