@@ -61,6 +61,7 @@ DROPOUT = {F.dropout, torch.dropout} | _ops("aten.dropout.default")
 SCALE = {operator.mul, operator.truediv, torch.mul, torch.div} | _ops(
     "aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar"
 )
+DIVIDE = {operator.truediv, torch.div} | _ops("aten.div.Tensor", "aten.div.Scalar")
 ADD = {operator.add, torch.add, operator.sub, torch.sub} | _ops("aten.add.Tensor", "aten.sub.Tensor")
 
 ASSERTS = _ops("aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
@@ -149,8 +150,7 @@ def scale_factor(node: Node) -> float | None:
         return None
     a, b = node.args
     divide = (node.op == "call_method" and node.target in ("div", "__truediv__")) or (
-        node.op == "call_function" and node.target in (operator.truediv, torch.div) | _ops(
-            "aten.div.Tensor", "aten.div.Scalar"))
+        node.op == "call_function" and node.target in DIVIDE)
     if isinstance(a, Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
         return 1.0 / b if divide else float(b)
     if isinstance(b, Node) and isinstance(a, (int, float)) and not divide and not isinstance(a, bool):
