@@ -1,0 +1,70 @@
+"""One suite over every registered method: a new method cannot skip it."""
+
+import pytest
+import torch
+
+import models
+from graphprune.methods import SiteGeometry, registered_methods
+from graphprune.config import parse_options
+from helpers import compile_with, rel_err
+
+METHODS = sorted(registered_methods())
+
+
+def test_registry_is_collected():
+    assert {"tome", "sito"} <= set(METHODS)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = models.unet(models.SD15_TINY)
+    return model, models.unet_inputs(model, 16)[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_identity_at_ratio_zero(method, tiny):
+    model, args = tiny
+    fast, cap = compile_with(model, method=method, ratio=0.0)
+    assert torch.equal(fast(*args).sample, model(*args).sample)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_static_budget_and_shapes(method, ratio):
+    impl = registered_methods()[method]
+    cfg = parse_options({"method": method, "ratio": ratio})
+    geo = SiteGeometry(B=2, N=12 * 10, C=8, H=12, W=10)
+    K = impl.budget(cfg, geo)
+    assert K == geo.N - int(geo.N * ratio)
+    metric = torch.randn(2, geo.N, 8)
+    rand = [torch.randn(s.shape) if s.kind == "normal" else torch.randint(s.high, s.shape)
+            for s in impl.random_inputs(cfg, geo)]
+    plan = impl.plan(cfg, geo, metric, *rand)
+    x = torch.randn(2, geo.N, 5)
+    reduced = impl.reduce(cfg, plan, x)
+    assert reduced.shape == (2, K, 5)
+    restored = impl.restore(cfg, plan, reduced)
+    assert restored.shape == x.shape and torch.isfinite(restored).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_model_is_close_but_different_and_compiles_once(method, tiny):
+    model, (sample, t, ctx) = tiny
+    fast, cap = compile_with(model, method=method, ratio=0.5)
+    ref = model(sample, t, ctx).sample
+    for step in torch.linspace(999, 0, 10).long():
+        out = fast(sample, step, ctx).sample
+    out = fast(sample, t, ctx).sample
+    assert len(cap.reports) == 1 and cap.report.count("pruned", "self") == 3
+    assert torch.isfinite(out).all() and 1e-4 < rel_err(out, ref) < 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inductor_compiles_the_rewrite(method, tiny):
+    model, args = tiny
+    opts = {"method": method, "ratio": 0.5, "seed": 7}
+    eager, _ = compile_with(model, **opts)
+    expected = eager(*args).sample
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="graphprune", options=opts)
+    torch.testing.assert_close(fast(*args).sample, expected, rtol=1e-4, atol=1e-4)
