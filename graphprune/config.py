@@ -30,6 +30,17 @@ def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
     return cls
 
 
+#: Methods on the roadmap: naming one raises NotImplementedError (listed in the README).
+PLANNED_METHODS = {
+    "dato": "DaTo (feature caching + dynamics-aware pruning)",
+    "deepcache": "DeepCache-style feature caching",
+    "catome": "CA-ToMe (threshold merging with a cache of matches)",
+    "atedm": "AT-EDM (attention-ranked pruning with per-step budgets)",
+    "todo": "ToDo (token downsampling of keys and values)",
+    "random": "random pruning (the floor every method must beat)",
+}
+
+
 def method_names() -> tuple[str, ...]:
     """Names of every registered method, sorted."""
     return tuple(sorted(_CONFIG_TYPES))
@@ -172,6 +183,9 @@ def parse_options(options: Mapping[str, Any] | PruneConfig | None) -> PruneConfi
         return options
     options = dict(options or {})
     name = options.pop("method", "tome")
+    if name in PLANNED_METHODS and name not in _CONFIG_TYPES:
+        raise NotImplementedError(f"method {name!r} ({PLANNED_METHODS[name]}) is not implemented yet; "
+                                  f"implemented methods are {method_names()}")
     if name not in _CONFIG_TYPES:
         raise ValueError(f"unknown method {name!r}; valid methods are {method_names()}")
     cls = _CONFIG_TYPES[name]

@@ -56,3 +56,9 @@ def test_backend_rejects_bad_options_through_torch_compile():
     fast = torch.compile(model, backend="graphprune", options={"method": "sito", "bogus": 1})
     with pytest.raises(Exception, match="bogus"):
         fast(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("name", ["dato", "catome", "atedm", "todo", "random", "deepcache"])
+def test_planned_methods_raise_not_implemented(name):
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        parse_options({"method": name})
