@@ -68,3 +68,29 @@ def test_inductor_compiles_the_rewrite(method, tiny):
     torch._dynamo.reset()
     fast = torch.compile(model, backend="graphprune", options=opts)
     torch.testing.assert_close(fast(*args).sample, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mode_is_forwarded_to_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        seen["patches"] = config_patches
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    block = models.HandAttentionBlock().eval()
+    fast = torch.compile(block, backend="graphprune",
+                         options={"method": "tome", "ratio": 0.5, "use_rand": False, "mode": "max-autotune"})
+    fast(torch.randn(2, 4, 8, 8))
+    assert seen["patches"] == torch._inductor.list_mode_options("max-autotune")
+
+
+def test_aot_eager_compiler(tiny):
+    model, args = tiny
+    eager, _ = compile_with(model, method="sito", ratio=0.5, seed=1)
+    expected = eager(*args).sample
+    torch._dynamo.reset()
+    fast, _ = compile_with(model, method="sito", ratio=0.5, seed=1, compiler="aot_eager")
+    torch.testing.assert_close(fast(*args).sample, expected)

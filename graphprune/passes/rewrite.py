@@ -303,4 +303,10 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
         graph.lint()
         gm.recompile()
     log.info("%s", report.summary())
+    n_self = sum(1 for s in sites if s.kind == "self")
+    if config.ratio > 0 and not result.changed:
+        reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?")})
+        log.warning("graphprune: nothing pruned in this graph (%d self-attention site(s), %d unmatched)%s",
+                    n_self, len(unmatched), ": " + "; ".join(reasons[:3]) if reasons else
+                    ": no attention found (is this a diffusion model with self-attention?)")
     return result
