@@ -22,8 +22,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
-
 import torch
 from torch.fx import Graph, Node
 
@@ -104,21 +102,6 @@ def module_path(node: Node) -> str:
     path = _PATH_PART.sub(lambda m: "." + next(g for g in m.groups() if g), raw)
     path = re.sub(r"^\.+", "", path).replace("._modules.", ".")
     return path
-
-
-def _attention_module_path(nodes: Iterable[Node]) -> str:
-    """Module path of the attention module: the common prefix of its q/k/v projections' own paths."""
-    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
-    if not paths:
-        return ""
-    prefix = []
-    for parts in zip(*paths):
-        if len(set(parts)) != 1:
-            break
-        prefix.append(parts[0])
-    if len(prefix) == min(len(p) for p in paths):  # all the same module (e.g. a fused qkv): drop the linear's name
-        prefix = prefix[:-1] if len(set(map(tuple, paths))) == 1 and len(prefix) > 1 else prefix
-    return ".".join(prefix)
 
 
 class _NoMatch(Exception):
@@ -309,7 +292,7 @@ def _match_one(node: Node) -> AttentionSite:
         if outside:
             raise _NoMatch(f"intermediate {n.name} is also used outside the attention (by {outside[0].name})")
     fused = q.linear is k.linear
-    path = _attention_module_path([q.linear, k.linear, v.linear, out_proj.linear])
+    path = module_path(node)  # the module that runs the attention op (diffusers: the Attention module)
     metric, metric_source = find_pre_norm(x)
     return AttentionSite(
         kind=kind, form=("fused-qkv " if fused else "") + form, module_path=path, attention=node, x=x,
@@ -334,20 +317,13 @@ def find_pre_norm(x: Node, max_steps: int = 8) -> tuple[Node, str]:
             if src is not None and tensor_shape(src) == shape:
                 return src, "pre-norm block input"
             break
-        if kind in ("cast", "add", "scale") or (cur.op == "call_function" and getattr(cur.target, "__name__", "")
-                                                in ("mul", "add", "mul.Tensor", "add.Tensor")):
-            same_shape = [a for a in cur.args if isinstance(a, Node) and tensor_shape(a) == shape]
-            if len(same_shape) != 1:
-                break
-            cur = same_shape[0]
-            continue
-        if cur.op == "call_method" and cur.target in ("mul", "add", "__mul__", "__add__"):
-            same_shape = [a for a in cur.args if isinstance(a, Node) and tensor_shape(a) == shape]
-            if len(same_shape) != 1:
-                break
-            cur = same_shape[0]
-            continue
-        break
+        if kind not in ("cast", "add", "scale"):
+            break
+        # adaLN: norm(x) * (1 + scale) + shift; follow the operand that has the token shape
+        same_shape = [a for a in cur.args if isinstance(a, Node) and tensor_shape(a) == shape]
+        if len(same_shape) != 1:
+            break
+        cur = same_shape[0]
     return x, "attention input (no LayerNorm found above it)"
 
 
