@@ -2,7 +2,7 @@
 
 For each self-attention site that the config selects, the pass inserts
 
-    plan  = method.plan(metric, *random_inputs)          # once per transformer layer, right after the metric
+    plan  = method.plan(metric, *random_inputs)          # once per transformer layer, before its attention
     x_K   = method.reduce(plan, x)                       # (B, N, C) -> (B, K, C)
     y_K   = canonical_attention(x_K, x_K, Wq, ..., Wo)   # rebuilt from what the matcher proved (heads, scale)
     y     = method.restore(plan, y_K)                    # (B, K, C) -> (B, N, C), replaces the out projection
@@ -263,7 +263,9 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
             result.random_inputs.append((spec, device))
             n_rand += 1
         plan_fn = _named(lambda m, *r, _geo=geo: method.plan(config, _geo, m, *r), f"graphprune_{method.name}_plan")
-        with graph.inserting_after(site.metric):
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        first = min((site.q.linear, site.k.linear, site.v.linear), key=order.__getitem__)
+        with graph.inserting_before(first):  # dominates this layer's attention, cross-attention and FF
             plan = sp.call(plan_fn, (site.metric, *rand_nodes), site.x)
         _splice_attention(sp, site, plan, method, config)
         rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (similarity on {site.metric_source})"
