@@ -62,3 +62,15 @@ def test_backend_rejects_bad_options_through_torch_compile():
 def test_planned_methods_raise_not_implemented(name):
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         parse_options({"method": name})
+
+
+def test_typed_config_through_torch_compile():
+    import graphprune
+    from models import HandAttentionBlock
+
+    block = HandAttentionBlock().eval()
+    fast = torch.compile(block, backend="graphprune",
+                         options=graphprune.ToMeConfig(ratio=0.5, use_rand=False, compiler="eager"))
+    fast(torch.randn(2, 4, 8, 8))
+    report = graphprune.last_report()
+    assert report.config["_type"] == "tome" and report.count("pruned") == 1 and report.sites[0].K == 32
