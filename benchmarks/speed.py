@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.arch, args.latents, args.runs = "tiny", "16", 2
     args.latent_list = [int(x) for x in str(args.latents).split(",") if x.strip()]
-    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.variant_list = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
     bad = [v for v in args.variant_list if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
@@ -108,6 +109,24 @@ def dynamo_stats() -> dict[str, int]:
         "frames_ok": int(counters["frames"].get("ok", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
     }
+
+
+def cpu_busy_s() -> tuple[float, float] | None:
+    """(seconds of CPU time used by all processes, by this process) so far; None where /proc/stat is missing."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    mine = os.times()
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), mine.user + mine.system
+
+
+def other_cpu_share(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float) -> float | None:
+    """Average number of CPU cores kept busy by *other* processes over ``wall`` seconds (contention check)."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -261,10 +280,13 @@ def flop_analysis(unet: Any, inputs: tuple[tuple[Any, ...], dict[str, Any]], con
         with torch.no_grad(), flop_counter() as fc2:
             patched(*args, **kwargs)
         tflops = int(fc2.get_total_flops())
-        patched_blocks = sorted(n for n, m in patched.named_modules() if hasattr(m, "_tome_info")
-                                and type(m).__name__.startswith("ToMe"))
+        # tomesd swaps the class of every transformer block; it merges only where downsample <= max_downsample
+        patched_blocks = sorted(n for n, m in patched.named_modules() if type(m).__name__.startswith("ToMe"))
         result["tomesd_measured"] = {"total_pruned": tflops, "flop_bound": total / tflops,
-                                     "patched_blocks": patched_blocks}
+                                     "blocks_with_patched_class": patched_blocks}
+        proxy = result["configs"].get(TOMESD_PROXY)
+        if proxy is not None:
+            result["tomesd_measured"]["same_flops_as_" + TOMESD_PROXY] = tflops == proxy["total_pruned"]
         log.info("tomesd eager (measured directly): FLOPs %.4g -> %.4g (bound %.2fx)", total, tflops, total / tflops)
         del patched
         gc.collect()
@@ -326,6 +348,7 @@ def time_variant(key: str, fn: Callable[..., Any], inputs: tuple[tuple[Any, ...]
             warm.append(dt)
             bar.update()
         s2 = dynamo_stats()
+        cpu0, wall0 = cpu_busy_s(), time.perf_counter()
         times = []
         for t in ts[1 + opts.warmup:]:
             bar.set_postfix_str("timed")
@@ -333,6 +356,11 @@ def time_variant(key: str, fn: Callable[..., Any], inputs: tuple[tuple[Any, ...]
             times.append(dt)
             bar.update()
         s3 = dynamo_stats()
+        res["other_cpu_cores"] = other_cpu_share(cpu0, cpu_busy_s(), time.perf_counter() - wall0)
+        res["loadavg_after_timed"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        if res["other_cpu_cores"] is not None and res["other_cpu_cores"] > 0.2:
+            log.warning("%s: other processes used %.2f CPU cores on average during the timed runs: timings are "
+                        "contended", key, res["other_cpu_cores"])
         torch.manual_seed(0)
         bar.set_postfix_str("error check")
         _, out = call(t_err)
@@ -368,7 +396,7 @@ def time_variant(key: str, fn: Callable[..., Any], inputs: tuple[tuple[Any, ...]
 # output
 
 COLUMNS = ["variant", "compile s", "median s", "speedup vs inductor", "rel. error", "pruned share f",
-           "ideal 1/(1-f)", "FLOP bound", "fraction of bound", "graphs", "recompiles"]
+           "ideal 1/(1-f)", "FLOP bound", "fraction of bound", "graphs", "recompiles warm/timed", "other CPU"]
 
 
 def fmt(x: Any, spec: str) -> str:
@@ -391,7 +419,8 @@ def table(latent_result: dict[str, Any]) -> str:
             fmt(r.get("ideal_bound"), ".2f"), fmt(r.get("flop_bound"), ".3f") + (mark if r.get("flop_bound") else ""),
             fmt(r.get("fraction_of_bound"), ".2f"), str(r["graphs"]) + (f" ({r['graph_breaks']} breaks)"
                                                                          if r["graph_breaks"] else ""),
-            "no" if r["no_recompiles"] else "YES",
+            f"{r['recompiles_warmup']['unique_graphs']}/{r['recompiles_timed']['unique_graphs']}",
+            fmt(r.get("other_cpu_cores"), ".2f"),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -409,6 +438,8 @@ def table(latent_result: dict[str, Any]) -> str:
         lines.append(f"unpruned FLOPs per call: {fl['total_unpruned'] / 1e9:.2f} GFLOP (FlopCounterMode, CPU "
                      f"flash-attention counted); rewritten-graph capture covers the model: "
                      f"{cc.get('covers_model')}")
+    lines.append("recompiles warm/timed = new Dynamo graphs during the warm-up calls / the timed calls; other CPU = "
+                 "average cores used by other processes during the timed calls")
     lines.append("compile s = wall time of the first call (compile + one run); speedup = inductor median / "
                  "variant median; rel. error = ||out - eager|| / ||eager|| at t="
                  f"{latent_result['error_timestep']}")
@@ -436,7 +467,8 @@ def header_facts(opts: argparse.Namespace, device: Any, dtype: Any) -> dict[str,
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "model": opts.arch, "latents": opts.latent_list, "batch": opts.batch,
         "runs": opts.runs, "warmup": opts.warmup, "variants": opts.variant_list,
-        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "git_commit": git_commit(),
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "inductor_cache_fresh": not opts.keep_inductor_cache, "git_commit": git_commit(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
 
@@ -522,9 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    fresh_cache = None
     if not opts.keep_inductor_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="speed_inductor_cache_")
+        fresh_cache = tempfile.mkdtemp(prefix="speed_inductor_cache_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh_cache
+    try:
+        return run(opts)
+    finally:
+        if fresh_cache:
+            shutil.rmtree(fresh_cache, ignore_errors=True)
 
+
+def run(opts: argparse.Namespace) -> int:
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 

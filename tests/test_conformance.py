@@ -94,3 +94,17 @@ def test_aot_eager_compiler(tiny):
     torch._dynamo.reset()
     fast, _ = compile_with(model, method="sito", ratio=0.5, seed=1, compiler="aot_eager")
     torch.testing.assert_close(fast(*args).sample, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inductor_on_an_odd_grid(method):
+    """7 x 9 tokens: leftover rows/columns that fill no 2 x 2 cell (constant index tables inside the graph)."""
+    block = models.HandAttentionBlock().eval()
+    img = torch.randn(2, 4, 7, 9)
+    opts = {"method": method, "ratio": 0.5, "seed": 2}
+    eager, cap = compile_with(block, **opts)
+    expected = eager(img)
+    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == 63 - 31
+    torch._dynamo.reset()
+    fast = torch.compile(block, backend="graphprune", options=opts)
+    torch.testing.assert_close(fast(img), expected, rtol=1e-5, atol=1e-5)
