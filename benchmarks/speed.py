@@ -162,6 +162,16 @@ def git_commit() -> str | None:
         return None
 
 
+def git_dirty() -> list[str] | None:
+    """Uncommitted changes under graphprune/ at start (another engineer may be editing the package)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "graphprune"], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+        return [line.strip() for line in out.splitlines()]
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -496,7 +506,7 @@ def header_facts(opts: argparse.Namespace, device: Any, dtype: Any) -> dict[str,
         "threads": torch.get_num_threads(), "model": opts.arch, "latents": opts.latent_list, "batch": opts.batch,
         "runs": opts.runs, "warmup": opts.warmup, "variants": opts.variant_list,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-        "inductor_cache_fresh": not opts.keep_inductor_cache, "git_commit": git_commit(),
+        "inductor_cache_fresh": not opts.keep_inductor_cache, "git_commit": git_commit(), "graphprune_uncommitted": git_dirty(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
 
