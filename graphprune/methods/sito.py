@@ -69,11 +69,16 @@ class SiTo(TokenMethod[SiToConfig]):
         pruned, unpruned = top_and_rest(best, R)
         keep = torch.cat([cand.gather(1, unpruned), base], dim=1)  # (B, K)
         # Stage 3: recovery source of each pruned token, as a slot in [0, K).
-        if config.recover == "kept":
+        base_val, base_src = best.gather(1, pruned), Ku + best_base.gather(1, pruned)  # best base of each pruned
+        if config.recover == "kept" and Ku > 0:
+            # argmax over all K kept = [unpruned candidates, base]: the base half is already known from stage 2,
+            # so only the (R, Ku) block is computed (half the official (R, K) work); ties prefer the candidate,
+            # as the first-index argmax over [candidates, base] does.
             mp = gather_tokens(mc, pruned)  # (B, R, C)
-            src = (mp @ gather_tokens(m, keep).transpose(1, 2)).argmax(dim=-1)  # (B, R)
+            cand_val, cand_src = (mp @ gather_tokens(mc, unpruned).transpose(1, 2)).max(dim=-1)  # (B, R)
+            src = torch.where(cand_val >= base_val, cand_src, base_src)
         else:
-            src = Ku + best_base.gather(1, pruned)
+            src = base_src
         ar = torch.arange(K, device=metric.device).expand(B, K)
         slot = scatter_slots(torch.cat([keep, cand.gather(1, pruned)], 1), torch.cat([ar, src], 1), N)
         return keep, slot
