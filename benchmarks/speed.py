@@ -41,7 +41,14 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "tome0.5": ("graphprune tome r=0.5", "graphprune", {"method": "tome", "ratio": 0.5}),
     "tomesd": ("tomesd r=0.5 eager", "tomesd", None),
     "tomesd+inductor": ("tomesd r=0.5 + inductor", "tomesd+inductor", None),
+    # not run by default: separate Dynamo's graph capture from Inductor and from pruning
+    "dynamo-eager": ("dynamo graph, eager backend", "dynamo-eager", None),
+    "sito0.5-fx": ("graphprune sito r=0.5, compiler=eager", "graphprune",
+                   {"method": "sito", "ratio": 0.5, "compiler": "eager"}),
+    "tome0.5-fx": ("graphprune tome r=0.5, compiler=eager", "graphprune",
+                   {"method": "tome", "ratio": 0.5, "compiler": "eager"}),
 }
+DEFAULT_VARIANTS = ("eager", "inductor", "sito0.5", "sito0.7", "tome0.5", "tomesd", "tomesd+inductor")
 TOMESD_RATIO = 0.5
 #: the graphprune config whose site set and FLOP bound the tomesd rows borrow
 TOMESD_PROXY = "tome0.5"
@@ -56,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="batch size (2 = classifier-free guidance)")
     p.add_argument("--runs", type=int, default=5, help="timed calls per variant (median reported), >= 1")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls after the first (compiling) call, >= 2")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     p.add_argument("--error-timestep", type=int, default=500,
                    help="timestep of the call compared with the unpruned eager output")
@@ -328,6 +335,8 @@ def make_callable(key: str, unet: Any, tomesd_unet: Any) -> Callable[..., Any]:
         return torch.compile(unet)
     if kind == "graphprune":
         return torch.compile(unet, backend="graphprune", options=dict(options))
+    if kind == "dynamo-eager":
+        return torch.compile(unet, backend="eager")
     if kind == "tomesd":
         return tomesd_unet
     if kind == "tomesd+inductor":
