@@ -1,7 +1,7 @@
 """graphprune: training-free token pruning for diffusion models, as a torch.compile pass.
 
     fast = torch.compile(unet, backend="graphprune", options={"method": "sito", "ratio": 0.5})
-    print(graphprune.inspect(unet, latents, t, text_embeddings, options={"method": "sito"}))
+    report = graphprune.inspect(unet, latents, t, text_embeddings, options={"method": "sito"})  # str(): a table
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -243,5 +243,3 @@ def same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
     """Exact equality of shape and values."""
     return a is not None and a.shape == b.shape and torch.equal(a, b)
 
-
-Canonical = Callable[[torch.Tensor], torch.Tensor]

@@ -269,7 +269,6 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
             plan = sp.call(plan_fn, (site.metric, *rand_nodes), site.x)
         _splice_attention(sp, site, plan, method, config)
         rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (similarity on {site.metric_source})"
-        scope = ["self"]
         if "cross" in config.scope:
             for j in by_block.get((site.block_path, "cross"), []):
                 cross = sites[j]
@@ -279,7 +278,6 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
                 _splice_attention(sp, cross, plan, method, config)
                 reports[j].status, reports[j].K = "pruned", rep.K
                 reports[j].reason = f"queries {site.N} -> {rep.K} with the plan of {site.module_path}"
-                scope.append("cross")
         if "ff" in config.scope:
             ff_path = site.block_path + ".ff"
             span = _feedforward_span(graph, ff_path)
@@ -290,7 +288,6 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
             else:
                 _splice_feedforward(sp, span, plan, method, config)
                 ff_rep.status, ff_rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (token-wise span)"
-                scope.append("ff")
             ff_reports[i] = ff_rep
         result.changed = True
     for s_i, s in enumerate(sites):
