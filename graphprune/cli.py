@@ -1,4 +1,5 @@
-"""The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites."""
+"""The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
+``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON to this path")
     _add_method_args(p)
     p.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser("pareto", help="every registered method x ratios: speed vs Inductor, quality of a "
+                             "seeded DDIM loop (or of images with --model); JSON, table, pareto.png",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .bench.pareto import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_pareto)
     return parser
+
+
+def cmd_bench_pareto(args: argparse.Namespace) -> int:
+    from .bench.pareto import run_from_args
+
+    logging.getLogger("graphprune.bench").setLevel(getattr(logging, args.log_level.upper()))
+    return run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -486,7 +486,7 @@ def finish(result: dict[str, Any], opts: ParetoOptions) -> None:
     result["baseline_on_front"] = front[0]
     for p, on in zip(pts, front[1:]):
         p["front"] = on
-    result["front"] = ([f"unpruned ({opts.speed_compiler})"] if front[0] else []) + [p["label"] for p in pts if p["front"]]
+    result["front"] = ([f"unpruned ({result['header'].get('speed_compiler', 'inductor')})"] if front[0] else []) + [p["label"] for p in pts if p["front"]]
     result["at_ratio_0.5"] = at_ratio(result, 0.5)
     result["table"] = table(result)
     print("\n" + result["table"], flush=True)
@@ -684,6 +684,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --arch tiny --latent 16 --steps 3 --ratios 0.3,0.5 --runs 2 --warmup 1 "
                         "--retries 0 --threads 1 (with --model: 2 steps, 1 ratio)")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="measure nothing: recompute the front, table and plot of a pareto.json (also a partial "
+                        "one from an interrupted run) into -o")
     p.add_argument("--log-level", default="INFO", help="logging level")
 
 
@@ -757,9 +760,22 @@ def run(opts: ParetoOptions) -> dict[str, Any]:
             shutil.rmtree(fresh, ignore_errors=True)
 
 
+def replot(path: str | Path, opts: ParetoOptions) -> dict[str, Any]:
+    """Front, table, plot and JSON again from a stored pareto.json (nothing is measured)."""
+    result = json.loads(Path(path).read_text())
+    if result.get("header", {}).get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: not a pareto.json of schema {SCHEMA_VERSION}")
+    result.setdefault("replotted_from", str(path))
+    finish(result, opts)
+    return result
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments; a bad option prints the reason and returns 2."""
     opts = options_from_args(args)
+    if args.replot:
+        replot(args.replot, opts)
+        return 0
     try:
         check(opts)
     except ValueError as exc:
