@@ -366,6 +366,10 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     print(format_header(header), flush=True)
 
     variants = variants_for(methods, opts.ratios, opts.tomesd)
+    if type(model).__name__ != "UNet2DConditionModel":
+        for v in variants:
+            if v.method == TOMESD:
+                v.error = f"tomesd patches SD UNets (UNet2DConditionModel), not {type(model).__name__}"
     result: dict[str, Any] = {"header": header, "baseline": {}, "points": []}
 
     # FLOP bounds of every graphprune config (counted on the rewritten graph, compiler="eager")
