@@ -92,6 +92,7 @@ class ParetoOptions:
     contention: float = 0.25
     quality_compiler: str = "eager"
     speed_compiler: str = "inductor"
+    interleave: bool = True
     tomesd: bool = True
     tomesd_inductor: bool = False
     flops: bool = True
@@ -209,11 +210,14 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 # speed
 
 def time_model(fn: Callable[..., Any], template: tuple[tuple[Any, ...], dict[str, Any]], opts: ParetoOptions,
-               desc: str) -> dict[str, Any]:
+               desc: str, baseline: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Time one model call: first call (compile), ``warmup`` calls, median of ``runs`` timed calls.
 
     Each call uses a different timestep. Timed calls during which other processes kept more than
     ``opts.contention`` cores busy are repeated up to ``opts.retries`` times; the least contended set is kept.
+    With ``baseline`` (an already compiled callable), every timed call of ``fn`` is paired with one of
+    ``baseline`` at the same timestep, in alternating order: ``speedup_paired`` = median of the per-pair ratios
+    ``baseline / fn``, robust to a machine whose load drifts over minutes (a shared CPU).
     """
     from tqdm import tqdm
 
@@ -226,6 +230,14 @@ def time_model(fn: Callable[..., Any], template: tuple[tuple[Any, ...], dict[str
         sync(device)
         start = time.perf_counter()
         fn(*args, **kwargs)
+        sync(device)
+        return time.perf_counter() - start
+
+    def call_base(t: int) -> float:
+        args, kwargs = with_sample_and_timestep(template, sample, t)
+        sync(device)
+        start = time.perf_counter()
+        baseline(*args, **kwargs)
         sync(device)
         return time.perf_counter() - start
 
@@ -245,12 +257,21 @@ def time_model(fn: Callable[..., Any], template: tuple[tuple[Any, ...], dict[str
         for attempt in range(1 + opts.retries):
             first = 1 + opts.warmup + attempt * opts.runs
             cpu0, wall0 = cpu_busy_s(), time.perf_counter()
-            times = []
-            for t in steps[first:first + opts.runs]:
-                times.append(call(t))
+            times, base_times = [], []
+            for i, t in enumerate(steps[first:first + opts.runs]):
+                if baseline is None:
+                    times.append(call(t))
+                elif i % 2 == 0:
+                    base_times.append(call_base(t))
+                    times.append(call(t))
+                else:
+                    times.append(call(t))
+                    base_times.append(call_base(t))
                 bar.update()
             other = other_cpu_share(cpu0, cpu_busy_s(), time.perf_counter() - wall0)
             attempts.append({"times_s": times, "other_cpu_cores": other})
+            if baseline is not None:
+                attempts[-1]["baseline_times_s"] = base_times
             if other is None or other <= opts.contention:
                 break
             log.warning("%s: other processes used %.2f cores during the timed calls (> %.2f)%s", desc, other,
@@ -265,6 +286,10 @@ def time_model(fn: Callable[..., Any], template: tuple[tuple[Any, ...], dict[str
     res.update(times_s=times, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                attempts=attempts, other_cpu_cores=best["other_cpu_cores"], first_call=delta(s1, s0),
                recompiles_warmup=delta(s2, s1), recompiles_timed=delta(s3, s2))
+    if baseline is not None:
+        bt = best["baseline_times_s"]
+        res.update(baseline_times_s=bt, baseline_median_s=statistics.median(bt),
+                   speedup_paired=statistics.median(b / v for b, v in zip(bt, times)))
     res["graphs"] = res["first_call"]["unique_graphs"]
     res["graph_breaks"] = res["first_call"]["graph_breaks"]
     res["no_recompiles_timed"] = not (res["recompiles_timed"]["unique_graphs"] or res["recompiles_timed"]["frames_ok"])
@@ -390,6 +415,8 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     result["baseline"]["final_latent_std"] = float(ref.std())
 
     base = time_baselines(model, template, opts, result)
+    base_fn = result["baseline"].pop("_fn")
+    base_fn = base_fn if opts.interleave else None
 
     for v in tqdm(variants, desc="variants", unit="variant"):
         point: dict[str, Any] = {"label": v.label, "method": v.method, "ratio": v.ratio, "options": v.options}
@@ -398,15 +425,16 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
             result["points"].append(point)
             continue
         try:
-            point.update(measure_variant(v, model, template, start, spec, ref, opts))
-            point["speedup"] = base / point["speed"]["median_s"]
+            point.update(measure_variant(v, model, template, start, spec, ref, opts, base_fn))
+            point["speedup"] = point["speed"].get("speedup_paired", base / point["speed"]["median_s"])
             if "speed_inductor" in point:
-                point["speedup_inductor"] = base / point["speed_inductor"]["median_s"]
+                si = point["speed_inductor"]
+                point["speedup_inductor"] = si.get("speedup_paired", base / si["median_s"])
         except Exception:  # noqa: BLE001
             point["error"] = traceback.format_exc()
             log.error("%s failed:\n%s", v.label, point["error"])
         finally:
-            reset()
+            gc.collect() if base_fn is not None else reset()
         attach_bounds(point, result.get("flops"))
         result["points"].append(point)
         write_json(result, opts)  # partial results survive a crash
@@ -417,35 +445,44 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
 def time_baselines(model: torch.nn.Module, template: Any, opts: ParetoOptions, result: dict[str, Any]) -> float:
     """Time the unpruned model eager and under the speed compiler; returns the median every speedup divides."""
     reset()
-    if opts.speed_compiler == "inductor":
-        result["baseline"]["inductor"] = time_model(torch.compile(model), template, opts, "inductor (unpruned)")
-        reset()
     result["baseline"]["eager"] = time_model(model, template, opts, "eager (unpruned)")
+    result["baseline"]["_fn"] = model
+    if opts.speed_compiler == "inductor":
+        compiled = torch.compile(model)
+        result["baseline"]["inductor"] = time_model(compiled, template, opts, "inductor (unpruned)")
+        result["baseline"]["_fn"] = compiled  # kept compiled for the paired timings (no dynamo reset after this)
     result["baseline"]["speed_baseline"] = opts.speed_compiler
     return result["baseline"][opts.speed_compiler]["median_s"]
 
 
 def measure_variant(v: Variant, model: torch.nn.Module, template: Any, start: Any, spec: LoopSpec,
-                    ref: torch.Tensor, opts: ParetoOptions) -> dict[str, Any]:
-    """Quality (the DDIM loop) and speed (one call, Inductor) of one variant."""
+                    ref: torch.Tensor, opts: ParetoOptions, base_fn: Callable[..., Any] | None = None
+                    ) -> dict[str, Any]:
+    """Quality (the DDIM loop) and speed (one call, Inductor; paired with ``base_fn`` when given) of one variant.
+
+    With ``base_fn`` Dynamo is never reset here: the compiled baseline stays valid, and each variant adds its
+    own cache entry (Dynamo guards on the backend, so nothing recompiles; tested).
+    """
+    fresh = reset if base_fn is None else gc.collect
     out: dict[str, Any] = {}
     if v.method == TOMESD:
         patched = tomesd_model(model, v.ratio)
         with torch.no_grad():
             final = ddim_loop(patched, template, start, spec, progress=f"quality {v.label}")
-        out["speed"] = time_model(patched, template, opts, f"{v.label} (eager)")
+        out["speed"] = time_model(patched, template, opts, f"{v.label} (eager)", base_fn)
         out["speed_note"] = f"tomesd eager (monkey-patched modules) vs the unpruned model ({opts.speed_compiler})"
         if opts.tomesd_inductor:
-            reset()
-            out["speed_inductor"] = time_model(torch.compile(patched), template, opts, f"{v.label} + inductor")
+            fresh()
+            out["speed_inductor"] = time_model(torch.compile(patched), template, opts, f"{v.label} + inductor",
+                                               base_fn)
     else:
-        reset()
+        fresh()
         fn = graphprune_callable(model, v.options, opts.quality_compiler)
         with torch.no_grad():
             final = ddim_loop(fn, template, start, spec, progress=f"quality {v.label}")
-        reset()
+        fresh()
         out["speed"] = time_model(graphprune_callable(model, v.options, opts.speed_compiler), template, opts,
-                                  v.label)
+                                  v.label, base_fn)
     out["quality"] = {"rel_error": rel_error(final, ref), "psnr_db": psnr(final, ref),
                       "per_image_rel_error": [rel_error(final[i], ref[i]) for i in range(ref.shape[0])]}
     log.info("%s: rel. error %.4g, PSNR %.2f dB, median %.4fs", v.label, out["quality"]["rel_error"],
@@ -568,8 +605,10 @@ def table(result: dict[str, Any]) -> str:
     h = result["header"]
     lines.insert(0, f"{h['model']} | {h['device']} | {h['dtype']} | shapes {h['call_shapes']}" +
                  (f" | {h['loop']}" if "loop" in h else ""))
-    lines.append(f"speedup = unpruned {h['speed_compiler']} median / variant median (one model call, batch 2); "
-                 "ideal 1/(1-f) = "
+    paired = any("speedup_paired" in (p.get("speed") or {}) for p in result["points"])
+    lines.append(f"speedup = unpruned {h['speed_compiler']} / variant, one model call (batch 2), "
+                 + ("median of per-pair ratios, each variant call paired with a baseline call; " if paired else
+                    "median / median; ") + "ideal 1/(1-f) = "
                  "Amdahl bound if the pruned sites cost nothing; FLOP bound = unpruned / rewritten-graph FLOPs")
     if real:
         lines.append("1-SSIM, PSNR: images of the pipeline against its unpruned images (same prompts and seeds), mean")
@@ -670,6 +709,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed-compiler", choices=("inductor", "eager"), default=d.speed_compiler,
                    help="compiler of the speed part: inductor (the protocol), or eager for smoke tests (the "
                         "baseline is then the eager model and graphprune runs its graph with compiler=eager)")
+    g.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="time each variant alone (speedup = baseline median from the start / variant median) "
+                        "instead of pairing every timed call with a call of the compiled baseline")
     g.add_argument("--no-flops", dest="flops", action="store_false", help="skip the Amdahl / FLOP bounds")
     g.add_argument("--keep-inductor-cache", action="store_true",
                    help="use the usual Inductor cache (default: a fresh temporary one)")
@@ -701,7 +743,7 @@ def options_from_args(args: argparse.Namespace) -> ParetoOptions:
         methods=tuple(args.methods.split(",")) if args.methods else None, ratios=_floats(args.ratios),
         runs=args.runs, warmup=args.warmup, retries=args.retries, retry_wait=args.retry_wait,
         contention=args.contention, quality_compiler=args.quality_compiler, speed_compiler=args.speed_compiler,
-        tomesd=args.tomesd,
+        interleave=args.interleave, tomesd=args.tomesd,
         tomesd_inductor=args.tomesd_inductor, flops=args.flops, out=args.out,
         keep_inductor_cache=args.keep_inductor_cache, threads=args.threads, quick=args.quick,
         prompts=args.prompts, prompt_embeds=args.prompt_embeds, inception=args.inception, clip=args.clip,

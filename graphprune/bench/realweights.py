@@ -173,6 +173,7 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
                 result["flops"] = {"error": traceback.format_exc()}
             reset()
         base = time_baselines(unet, template, opts, result)
+        result["baseline"].pop("_fn")  # not paired here: the pipeline runs between timings, Dynamo is reset
 
     fid_note = None
     for v in tqdm(variants, desc="variants", unit="variant"):
