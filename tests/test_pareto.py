@@ -107,6 +107,9 @@ def _check_schema(result, methods, ratios, tomesd):
     for p in result["points"]:
         assert "error" not in p, p.get("error")
         assert p["speed"]["median_s"] > 0 and p["speedup"] > 0 and isinstance(p["front"], bool)
+        # every timed call is paired with a call of the compiled baseline, which never recompiles
+        assert p["speedup"] == p["speed"]["speedup_paired"] and len(p["speed"]["baseline_times_s"]) == len(
+            p["speed"]["times_s"]) and p["speed"]["no_recompiles_timed"]
         assert 0 < p["quality"]["rel_error"] < 1 and p["quality"]["psnr_db"] > 10
     # the front in the JSON is the front of the stored numbers
     xy = [(1.0, 0.0)] + [(p["speedup"], p["quality"]["rel_error"]) for p in result["points"]]
