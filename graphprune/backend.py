@@ -46,16 +46,20 @@ def rewrite(gm: GraphModule, config: PruneConfig, reports: list[GraphReport] | N
 
 
 def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any = None,
-                       mode: str | None = None, reports: list[GraphReport] | None = None) -> Callable[..., Any]:
+                       mode: str | None = None, reports: list[GraphReport] | None = None,
+                       register_runtime: bool = True) -> Callable[..., Any]:
     """torch.compile backend: ``options`` is a dict (``{"method": "sito", "ratio": 0.5, ...}``) or a config.
 
-    ``reports`` (Python callers only) receives the :class:`GraphReport` of every graph compiled.
+    ``reports`` (Python callers only) receives the :class:`GraphReport` of every graph compiled. Step-aware methods
+    (``deepcache``, ``dato``) return a :class:`~graphprune.runtime.StepRuntime`; ``register_runtime=False`` keeps it
+    out of the registry that ``graphprune.reset(model)`` searches (``inspect`` uses that).
     """
     config = parse_options(options)
     if mode is not None and mode != "default":
         config = with_overrides(config, mode=mode)
     if isinstance(config, CachingConfig):  # step-aware: a runtime that picks a compiled variant per step
-        runtime = StepRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS)
+        runtime = StepRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
+                              register=register_runtime)
         return runtime
     if config.ratio > 0:
         gm = copy_graph_module(gm)

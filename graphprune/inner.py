@@ -20,10 +20,16 @@ class RandomFeed:
 
     def __init__(self, specs: Sequence[tuple[RandomSpec, torch.device]], seed: int):
         self.specs = list(specs)
+        self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
         for _, device in self.specs:
             if device not in self.generators:
                 self.generators[device] = torch.Generator(device=device).manual_seed(seed)
+
+    def reseed(self) -> None:
+        """Restart every generator from the seed (the step-aware runtime does it at each new generation)."""
+        for g in self.generators.values():
+            g.manual_seed(self.seed)
 
     def draw(self) -> list[torch.Tensor]:
         out = []

@@ -19,6 +19,7 @@ consumed. ``graphprune.reset(model)`` resets explicitly; ``describe()`` lists th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class StepRuntime:
     """
 
     def __init__(self, gm: GraphModule, example_inputs: list[Any], config: CachingConfig,
-                 reports: list[GraphReport] | None = None, all_reports: Any = None):
+                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
         self.config = config
         self.schedule: Schedule = build_schedule(config)
         self.method: TokenMethod = method_for(config) if config.ratio > 0 else _NoPruning()
@@ -119,7 +120,8 @@ class StepRuntime:
         self.kinds: list[str] = []  # kinds run in the current generation
         self.previous_kinds: list[str] = []  # kinds run in the previous generation
         self._keys = {t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor) and t.numel() > 1}
-        _RUNTIMES.add(self)
+        if register:
+            _RUNTIMES.add(self)
         self._variant("full", example_inputs)  # compile the full variant now: errors surface at compile time
         log.info("graphprune[%s]: %s; cut at %s", config.method, self.schedule.describe(), self.cut.describe())
 
@@ -161,6 +163,14 @@ class StepRuntime:
                  len(modules))
         return variant
 
+    def build_variants(self) -> None:
+        """Build every variant the schedule can use (with ``compiler="eager"`` this compiles nothing; used by
+        ``graphprune.inspect`` to report the shallow graph before any shallow step ran)."""
+        if self.config.compiler != "eager":
+            raise RuntimeError("build_variants needs example inputs for a real compiler; use compiler='eager'")
+        if self.schedule.kinds is None or "shallow" in self.schedule.kinds:
+            self._variant("shallow", [])
+
     def _state_inputs(self, kind: str, examples: bool = False) -> list[torch.Tensor]:
         """The cross-step tensors a variant takes after the user's inputs: [cache (shallow)], [eps_prev, eps_prev2]."""
         out: list[torch.Tensor] = []
@@ -189,6 +199,9 @@ class StepRuntime:
         self.step = 0
         self.kinds = []
         self.last_t = None
+        for variant in self.variants.values():  # every generation draws the same random inputs: reproducible
+            if variant.feed is not None:
+                variant.feed.reseed()
         log.debug("graphprune[%s]: state reset (%s)", self.config.method, reason)
 
     def _timestep(self, args: tuple[Any, ...]) -> float:
@@ -270,6 +283,7 @@ def runtimes(obj: Any = None) -> list[StepRuntime]:
     """The live runtimes of a model (a compiled or plain module, or a pipeline), or all of them for ``None``."""
     if isinstance(obj, StepRuntime):
         return [obj]
+    gc.collect()  # runtimes of graphs Dynamo dropped (torch._dynamo.reset, recompiles) may sit in reference cycles
     live = list(_RUNTIMES)
     if obj is None:
         return live

@@ -60,7 +60,7 @@ class DaTo(TokenMethod[DaToConfig]):
     def base_positions(self, config: DaToConfig, geo: SiteGeometry, eps_prev: torch.Tensor, eps_prev2: torch.Tensor,
                        *rand: torch.Tensor) -> torch.Tensor:
         """-> (B, P) in-cell position of each cell's base token."""
-        B = eps_prev.shape[0]
+        B = geo.B
         if config.selection == "local_random":
             return rand[0].expand(B, -1)
         rand = list(rand)

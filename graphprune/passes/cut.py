@@ -148,7 +148,7 @@ def shallow_graph(gm: GraphModule, cut: CutPoint) -> tuple[GraphModule, list[str
     return out, running_modules(out)
 
 
-def running_modules(gm: GraphModule, depth: int = 3) -> list[str]:
+def running_modules(gm: GraphModule, depth: int = 4) -> list[str]:
     """Module paths (cut to ``depth`` parts) that own at least one compute node of ``gm``, in graph order."""
     seen: dict[str, None] = {}
     for n in gm.graph.nodes:
