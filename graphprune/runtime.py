@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import torch._inductor
 from torch.fx import GraphModule, Node
 
 from .config import CachingConfig, config_to_dict
@@ -119,6 +120,8 @@ class StepRuntime:
         self.last_t: float | None = None
         self.kinds: list[str] = []  # kinds run in the current generation
         self.previous_kinds: list[str] = []  # kinds run in the previous generation
+        # CUDA-graph modes replay into static output buffers: tensors kept across steps must be copies
+        self._copy_state = bool(config.mode and torch._inductor.list_mode_options(config.mode).get("triton.cudagraphs"))
         self._keys = {t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor) and t.numel() > 1}
         if register:
             _RUNTIMES.add(self)
@@ -229,8 +232,11 @@ class StepRuntime:
             rand = variant.feed.draw() if variant.feed else []
             result = variant.fn(*args, *self._state_inputs(kind), *rand)
             outputs = tuple(result[: self.n_outputs])
+            if self._copy_state:
+                outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
             if kind == "full":
-                self.state.cache = result[self.n_outputs]
+                cache = result[self.n_outputs]
+                self.state.cache = cache.clone() if self._copy_state else cache
             eps = outputs[0]
         if self.method.context_inputs:
             self.state.eps = [eps] + self.state.eps[:1]
