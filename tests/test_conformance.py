@@ -1,18 +1,38 @@
-"""One suite over every registered method: a new method cannot skip it."""
+"""One suite over every registered method: a new method cannot skip it.
+
+"K kept tokens" is the budget of the rewrite form: tokens the attention runs on (form "tokens"), or the keys and
+values all N queries attend to (form "kv", ToDo).
+"""
+
+import math
 
 import pytest
 import torch
 
 import models
 from graphprune.methods import SiteGeometry, registered_methods
-from graphprune.config import parse_options
+from graphprune.config import config_fields, parse_options
 from helpers import compile_with, rel_err
 
 METHODS = sorted(registered_methods())
 
 
+def expected_k(method: str, H: int, W: int, ratio: float) -> int:
+    """The documented budget: N - int(N * ratio) kept tokens, or for form "kv" (ToDo) the keys/values of a
+    round(H * s) x round(W * s) grid, s = sqrt(1 - ratio) (= (H / f) x (W / f) where factor f divides the grid)."""
+    if registered_methods()[method].form == "kv":
+        s = math.sqrt(1 - ratio)
+        return math.floor(H * s + 0.5) * math.floor(W * s + 0.5)
+    return H * W - int(H * W * ratio)
+
+
+def seeded(method: str, seed: int) -> dict:
+    """``{"seed": seed}`` for methods that draw random inputs (others have no seed option)."""
+    return {"seed": seed} if "seed" in config_fields(type(parse_options({"method": method}))) else {}
+
+
 def test_registry_is_collected():
-    assert {"tome", "sito"} <= set(METHODS)
+    assert {"tome", "sito", "todo", "random"} <= set(METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +55,7 @@ def test_static_budget_and_shapes(method, ratio):
     cfg = parse_options({"method": method, "ratio": ratio})
     geo = SiteGeometry(B=2, N=12 * 10, C=8, H=12, W=10)
     K = impl.budget(cfg, geo)
-    assert K == geo.N - int(geo.N * ratio)
+    assert K == expected_k(method, geo.H, geo.W, ratio)
     metric = torch.randn(2, geo.N, 8)
     rand = [torch.randn(s.shape) if s.kind == "normal" else torch.randint(s.high, s.shape)
             for s in impl.random_inputs(cfg, geo)]
@@ -43,6 +63,8 @@ def test_static_budget_and_shapes(method, ratio):
     x = torch.randn(2, geo.N, 5)
     reduced = impl.reduce(cfg, plan, x)
     assert reduced.shape == (2, K, 5)
+    if impl.form == "kv":  # keys/values only: the attention output already has N tokens
+        return
     restored = impl.restore(cfg, plan, reduced)
     assert restored.shape == x.shape and torch.isfinite(restored).all()
 
@@ -62,7 +84,7 @@ def test_pruned_model_is_close_but_different_and_compiles_once(method, tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_compiles_the_rewrite(method, tiny):
     model, args = tiny
-    opts = {"method": method, "ratio": 0.5, "seed": 7}
+    opts = {"method": method, "ratio": 0.5, **seeded(method, 7)}
     eager, _ = compile_with(model, **opts)
     expected = eager(*args).sample
     torch._dynamo.reset()
@@ -101,10 +123,10 @@ def test_inductor_on_an_odd_grid(method):
     """7 x 9 tokens: leftover rows/columns that fill no 2 x 2 cell (constant index tables inside the graph)."""
     block = models.HandAttentionBlock().eval()
     img = torch.randn(2, 4, 7, 9)
-    opts = {"method": method, "ratio": 0.5, "seed": 2}
+    opts = {"method": method, "ratio": 0.5, **seeded(method, 2)}
     eager, cap = compile_with(block, **opts)
     expected = eager(img)
-    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == 63 - 31
+    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == expected_k(method, 7, 9, 0.5)
     torch._dynamo.reset()
     fast = torch.compile(block, backend="graphprune", options=opts)
     torch.testing.assert_close(fast(img), expected, rtol=1e-5, atol=1e-5)
