@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
-from .config import PruneConfig, SiToConfig, ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options
+from .config import (PruneConfig, RandomConfig, SiToConfig, ToDoConfig, ToMeConfig, config_from_dict, config_to_dict,
+                     method_names, parse_options)
 from .methods import registered_methods
 from .report import GraphReport, InspectReport, SiteReport
 
@@ -35,6 +36,7 @@ def inspect(model: torch.nn.Module, *args: Any, options: dict[str, Any] | PruneC
     return InspectReport(graphs=graphs)
 
 
-__all__ = ["inspect", "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig",
+__all__ = ["inspect", "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig",
+           "RandomConfig",
            "parse_options", "config_to_dict", "config_from_dict", "method_names", "registered_methods",
            "GraphReport", "InspectReport", "SiteReport", "__version__"]

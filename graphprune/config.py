@@ -206,9 +206,9 @@ class ToDoConfig(PruneConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"todo: {name} must be an integer >= 1, got {value!r}")
-        if self.ratio is None:
-            object.__setattr__(self, "factor", 2 if self.factor is None else self.factor)
-            object.__setattr__(self, "ratio", 1.0 - 1.0 / self.factor ** 2)
+        if self.ratio is None:  # the factor (official default 2) fixes the ratio; ``factor`` stays as given
+            f = 2 if self.factor is None else self.factor
+            object.__setattr__(self, "ratio", 1.0 - 1.0 / f ** 2)
         elif self.factor is not None and isinstance(self.ratio, (int, float)) and \
                 abs(float(self.ratio) - (1.0 - 1.0 / self.factor ** 2)) > 1e-9:
             raise ValueError(f"todo: ratio {self.ratio} contradicts factor {self.factor}, which removes "
@@ -218,9 +218,7 @@ class ToDoConfig(PruneConfig):
         if self.downsample_method not in TODO_DOWNSAMPLE:
             raise ValueError(f"todo: unknown downsample_method {self.downsample_method!r}; valid methods are "
                              f"{TODO_DOWNSAMPLE}")
-        if self.factor is None:  # ratio given alone: the same as factor f when ratio == 1 - 1/f**2
-            object.__setattr__(self, "factor", _int_factor(self.ratio))
-        if self.downsample_method.endswith("_pool") and self.factor is None:
+        if self.downsample_method.endswith("_pool") and self.effective_factor is None:
             raise ValueError(f"todo: downsample_method={self.downsample_method!r} needs an integer factor; "
                              f"ratio {self.ratio} is not 1 - 1/f**2 (pass factor=2, 3, 4, ...)")
         if self.scope != ("self",):
@@ -231,6 +229,11 @@ class ToDoConfig(PruneConfig):
         if self.factor_level_2 > 1 and self.max_downsample < 2:
             raise ValueError(f"todo: factor_level_2={self.factor_level_2} downsamples level 2, which needs "
                              f"max_downsample >= 2 (got {self.max_downsample})")
+
+    @property
+    def effective_factor(self) -> int | None:
+        """The level-1 factor: ``factor`` if given, else f when ``ratio == 1 - 1/f**2``, else None (fractional)."""
+        return self.factor if self.factor is not None else _int_factor(self.ratio)
 
     def max_ratio(self) -> float:
         return 1.0  # no cells: any factor is allowed (ratio < 1 is checked by PruneConfig)

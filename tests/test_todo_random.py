@@ -126,7 +126,7 @@ def test_todo_fractional_ratio_is_a_nearest_resize(ratio, method):
     x = torch.randn(2, H * W, 4, dtype=torch.float64)
     cfg, geo, m = parse_options({"method": "todo", "ratio": ratio, "downsample_method": method}), \
         SiteGeometry(2, H * W, 4, H, W), ToDo()
-    assert cfg.factor is None and m.budget(cfg, geo) == size[0] * size[1]
+    assert cfg.effective_factor is None and m.budget(cfg, geo) == size[0] * size[1]
     torch.testing.assert_close(m.reduce(cfg, m.plan(cfg, geo, x), x), ref_downsample(x, H, W, method, size=size),
                                rtol=0, atol=0)
 
@@ -154,11 +154,15 @@ def test_todo_rejects_contradictory_options(options, words):
 
 
 def test_todo_ratio_and_factor_are_one_knob():
-    assert ToDoConfig().factor == 2 and ToDoConfig().ratio == 0.75  # the official default
+    import dataclasses
+
+    default = ToDoConfig()
+    assert default.effective_factor == 2 and default.ratio == 0.75  # the official default
     assert parse_options({"method": "todo", "factor": 3}).ratio == pytest.approx(8 / 9)
-    assert parse_options({"method": "todo", "ratio": 0.9375}).factor == 4
-    assert parse_options({"method": "todo", "ratio": 0.75, "factor": 2}).factor == 2
-    assert parse_options({"method": "todo", "ratio": 0.0}).ratio == 0.0
+    assert parse_options({"method": "todo", "ratio": 0.9375}).effective_factor == 4
+    assert parse_options({"method": "todo", "ratio": 0.75, "factor": 2}).effective_factor == 2
+    assert parse_options({"method": "todo", "factor": 1}).ratio == 0.0  # factor 1 = unchanged
+    assert dataclasses.replace(default, ratio=0.5).effective_factor is None  # a sweep may override the ratio
 
 
 TODO_CASES = [

@@ -31,7 +31,7 @@ from .tokens import gather_tokens
 
 def level_factor(config: ToDoConfig, level: int) -> int | None:
     """The integer factor at a site's level (None: level 1 with a fractional ``ratio``)."""
-    return config.factor if level == 1 else config.factor_level_2
+    return config.effective_factor if level == 1 else config.factor_level_2
 
 
 def kv_grid(config: ToDoConfig, geo: SiteGeometry) -> tuple[int, int, int | None]:
