@@ -33,8 +33,6 @@ def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
 
 #: Methods on the roadmap: naming one raises NotImplementedError (listed in the README).
 PLANNED_METHODS = {
-    "dato": "DaTo (feature caching + dynamics-aware pruning)",
-    "deepcache": "DeepCache-style feature caching",
     "catome": "CA-ToMe (threshold merging with a cache of matches)",
     "atedm": "AT-EDM (attention-ranked pruning with per-step budgets)",
 }
@@ -257,6 +255,109 @@ class RandomConfig(PruneConfig):
         return 1.0  # no cells: any K >= 1 works
 
 
+STEP_KINDS = ("full", "shallow", "reuse")
+SELECTIONS = ("dynamics", "local_random")
+
+
+@dataclass(frozen=True)
+class CachingConfig(PruneConfig):
+    """Fields of the step-aware methods (feature caching across denoising steps; see :mod:`graphprune.schedule`).
+
+    Important args:
+        cache_interval: uniform schedule: a full step at 0, N, 2N, ... of each generation, shallow steps between
+            (default 3 when no ``schedule`` is given).
+        schedule: ``None``/``"uniform"`` (uses ``cache_interval``), ``"deepcache-nonuniform"`` (DeepCache's
+            quadratic schedule; needs ``num_steps``), a named preset (``"dato-imagenet"``, ``"dato-coco"``), or an
+            explicit list of step kinds (``"full"``, ``"shallow"``, ``"reuse"``), one per UNet call.
+        cache_branch: where the graph is cut: the cached tensor is the input of the ``cache_branch``-th ResNet of the
+            up path counted from the output end (0 = DeepCache's/DaTo's branch 0: only the last up stage runs).
+        num_steps: UNet calls per generation; required by ``"deepcache-nonuniform"``, checked against list
+            schedules, and selects the 50-call (DDIM) or 51-call (PLMS) form of the DaTo presets.
+
+    Args to tinker with:
+        nonuniform_center, nonuniform_pow: DeepCache's ``center`` and ``pow`` of the non-uniform schedule.
+        max_variants: the most compiled variants (one per distinct step kind and token budget) a runtime may hold.
+    """
+
+    cache_interval: int | None = None
+    schedule: Any = None
+    cache_branch: int = 0
+    num_steps: int | None = None
+    nonuniform_center: int = 15
+    nonuniform_pow: float = 1.4
+    max_variants: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.schedule, list):
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in ("cache_interval", "num_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+        if isinstance(self.cache_branch, bool) or not isinstance(self.cache_branch, int) or self.cache_branch < 0:
+            raise ValueError(f"cache_branch must be an integer >= 0, got {self.cache_branch!r}")
+        if isinstance(self.max_variants, bool) or not isinstance(self.max_variants, int) or self.max_variants < 2:
+            raise ValueError(f"max_variants must be an integer >= 2, got {self.max_variants!r}")
+        from .schedule import build_schedule  # validates schedule, interval and length together
+
+        build_schedule(self)
+
+
+@register_config
+@dataclass(frozen=True)
+class DeepCacheConfig(CachingConfig):
+    """Feature caching alone (DeepCache's mechanism as a graph cut): full steps refresh the cached deep feature,
+    shallow steps run only the outer branch of the UNet on it, reuse steps return the previous output.
+    ``ratio`` must stay 0 (use ``method="dato"`` for caching plus pruning)."""
+
+    method: ClassVar[str] = "deepcache"
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ratio != 0:
+            raise ValueError("deepcache does not prune tokens (ratio must be 0); use method='dato' for feature "
+                             "caching plus token pruning")
+
+
+@register_config
+@dataclass(frozen=True)
+class DaToConfig(CachingConfig):
+    """DaTo: feature caching + SiTo-style pruning whose base tokens follow the temporal dynamics of the noise
+    prediction (official code semantics, research/dato.md section 3).
+
+    Important args:
+        ratio: fraction of tokens pruned at each top-level self-attention (official constant: 0.4).
+        gamma: weight of the dynamics d = mean_c |eps_(c-1) - eps_(c-2)| in the base score (official: 0.1).
+        noise_alpha: weight of the N(0, 1) noise in the base score (official: 0.1).
+        random_sign: flip the sign of gamma at random per site and call (the official code does; about half the
+            sites then pick the least dynamic token of each cell as base).
+        align_cfg: the conditional half of a CFG batch [uncond; cond] uses the unconditional half's base tokens.
+        selection: ``"dynamics"`` (official default) or ``"local_random"`` (a random base position per cell,
+            shared by the batch; no dynamics).
+        recover: ``"kept"`` (official: copy the most similar kept token) or ``"base"``.
+        seed: seed of graphprune's own generator for noise, signs and offsets.
+    """
+
+    method: ClassVar[str] = "dato"
+    ratio: float = 0.4
+    gamma: float = 0.1
+    noise_alpha: float = 0.1
+    random_sign: bool = True
+    align_cfg: bool = True
+    selection: str = "dynamics"
+    recover: str = "kept"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.recover not in ("kept", "base"):
+            raise ValueError(f"recover must be 'kept' (official code) or 'base', got {self.recover!r}")
+
+
 def config_fields(cls: type[PruneConfig]) -> tuple[str, ...]:
     """The option keys a config class accepts (besides ``method``)."""
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -289,6 +390,8 @@ def config_to_dict(config: PruneConfig) -> dict[str, Any]:
     """A JSON-ready dict: ``{"_type": method, "_version": n, "_data": {...}}``."""
     data = dataclasses.asdict(config)
     data["scope"] = list(config.scope)
+    if isinstance(data.get("schedule"), tuple):
+        data["schedule"] = list(data["schedule"])
     return {"_type": config.method, "_version": CONFIG_VERSION, "_data": data}
 
 
@@ -307,6 +410,7 @@ def with_overrides(config: PruneConfig, **changes: Any) -> PruneConfig:
 
 
 __all__ = [
-    "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig", "RandomConfig", "parse_options", "config_to_dict", "config_from_dict",
+    "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig",
+    "DaToConfig", "parse_options", "config_to_dict", "config_from_dict",
     "method_names", "register_config", "with_overrides",
 ]

@@ -58,7 +58,7 @@ def test_backend_rejects_bad_options_through_torch_compile():
         fast(torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("name", ["dato", "catome", "atedm", "deepcache"])
+@pytest.mark.parametrize("name", ["catome", "atedm"])
 def test_planned_methods_raise_not_implemented(name):
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         parse_options({"method": name})

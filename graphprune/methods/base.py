@@ -62,6 +62,9 @@ class TokenMethod(Generic[ConfigT]):
     uses_metric: bool = True
     #: "tokens" (reduce -> attend -> restore) or "kv" (keys/values reduced, all queries kept)
     form: str = "tokens"
+    #: names of cross-step state tensors :meth:`plan` takes after the metric (before the random inputs), provided
+    #: by the step-aware runtime as graph inputs (e.g. DaTo: the two previous noise predictions (B, c, h, w))
+    context_inputs: tuple[str, ...] = ()
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
         """Kept tokens K (a Python int, < N). Raise :class:`SiteSkip` with a reason if the site can't be pruned."""
@@ -72,7 +75,8 @@ class TokenMethod(Generic[ConfigT]):
         return ()
 
     def plan(self, config: ConfigT, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:
-        """metric: (B, N, C') -> a tuple of tensors with static shapes (index maps)."""
+        """metric: (B, N, C'), then the ``context_inputs`` tensors, then the random inputs -> a tuple of tensors
+        with static shapes (index maps)."""
         raise NotImplementedError
 
     def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:
