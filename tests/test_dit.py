@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import graphprune
+from graphprune.config import CachingConfig, parse_options
 from graphprune.archs import ARCHS, TRANSFORMERS, build_model, example_inputs
 from graphprune.methods import registered_methods
 from graphprune.passes.match import find_attention_sites
@@ -21,6 +22,9 @@ from test_todo_random import RefProcessor, install
 
 DITS = sorted(TRANSFORMERS)
 GRIDS = {64: (8, 8, 1)}  # latent 16, patch 2
+#: step-aware methods (feature caching) cut the U-Net's up path: they do not apply to DiTs and must say so
+STEP_AWARE = {m for m in registered_methods() if isinstance(parse_options({"method": m}), CachingConfig)}
+PRUNING = sorted(set(registered_methods()) - STEP_AWARE)
 
 
 @pytest.fixture(scope="module", params=DITS)
@@ -60,7 +64,7 @@ def test_no_graph_breaks(dit):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-@pytest.mark.parametrize("method", sorted(registered_methods()))
+@pytest.mark.parametrize("method", PRUNING)
 def test_every_method_runs_and_compiles_once(dit, method):
     name, model, (args, kwargs) = dit
     fast, cap = compile_with(model, method=method, ratio=0.5)
@@ -93,7 +97,7 @@ def test_matches_the_reference_processor(dit, method, options, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(registered_methods()))
+@pytest.mark.parametrize("method", PRUNING)
 def test_inspect_gives_a_reason_for_every_site_left_alone(dit, method):
     name, model, (args, kwargs) = dit
     scope = "self" if registered_methods()[method].form == "kv" else "self+cross+ff"
@@ -103,3 +107,11 @@ def test_inspect_gives_a_reason_for_every_site_left_alone(dit, method):
     for site in report.sites:
         assert site.status == "pruned" or site.reason, site
         assert site.reason  # pruned sites say what was done (N -> K, metric or none)
+
+
+@pytest.mark.parametrize("method", sorted(STEP_AWARE))
+def test_step_aware_methods_say_why_they_do_not_apply(dit, method):
+    name, model, (args, kwargs) = dit
+    options = {"method": method, "ratio": 0.0 if method == "deepcache" else 0.5}
+    with pytest.raises(Exception, match="DiTs have no U-shaped skip path"):
+        graphprune.inspect(model, *args, options=options, **kwargs)
