@@ -67,7 +67,8 @@ class TokenMethod(Generic[ConfigT]):
     context_inputs: tuple[str, ...] = ()
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
-        """Kept tokens K (a Python int, < N). Raise :class:`SiteSkip` with a reason if the site can't be pruned."""
+        """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
+        reason if the site can't be pruned."""
         raise NotImplementedError
 
     def random_inputs(self, config: ConfigT, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
