@@ -12,9 +12,24 @@ import torch
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sito", help="pruning method (default: sito)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens removed (default: 0.5)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of tokens removed (default: the method's, 0.5 for tome/sito, 0.4 for dato)")
     p.add_argument("--scope", default="self", help="self | self+cross | self+cross+ff (default: self)")
     p.add_argument("--max-downsample", type=int, default=1, help="prune levels up to this downsample (default 1)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="deepcache/dato: a full step every N calls (default 3)")
+    p.add_argument("--schedule", default=None,
+                   help="deepcache/dato: uniform | deepcache-nonuniform | dato-imagenet | dato-coco")
+    p.add_argument("--cache-branch", type=int, default=None, help="deepcache/dato: where the UNet is cut (default 0)")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (unset ones keep the method's defaults)."""
+    options = {"method": args.method, "scope": args.scope, "max_downsample": args.max_downsample}
+    for key in ("ratio", "cache_interval", "schedule", "cache_branch"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
 
 
 def _model_and_inputs(args: argparse.Namespace):
@@ -29,8 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import graphprune
 
     unet, call_args, kwargs = _model_and_inputs(args)
-    options = {"method": args.method, "ratio": args.ratio, "scope": args.scope,
-               "max_downsample": args.max_downsample}
+    options = _options(args)
     report = graphprune.inspect(unet, *call_args, options=options, **kwargs)
     if args.json:
         with open(args.json, "w") as fh:

@@ -275,8 +275,11 @@ class StepRuntime:
 def _module_of(obj: Any) -> torch.nn.Module | None:
     if isinstance(obj, torch.nn.Module):
         return getattr(obj, "_orig_mod", obj)
-    unet = getattr(obj, "unet", None) or getattr(obj, "transformer", None)
-    return _module_of(unet) if unet is not None else None
+    for name in ("unet", "transformer"):
+        inner = getattr(obj, name, None)
+        if isinstance(inner, torch.nn.Module):
+            return _module_of(inner)
+    return None
 
 
 def runtimes(obj: Any = None) -> list[StepRuntime]:

@@ -372,3 +372,68 @@ def test_dato_inductor_matches_eager_runtime(tiny):
         outs[compiler] = [step(fast, sample, t, ctx) for t in TIMESTEPS[:3]]
     for a, b in zip(outs["eager"], outs["inductor"]):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- peers, pipelines
+def test_deepcache_equals_the_deepcache_package(tiny):
+    """Parity with DeepCache's own helper (pip package DeepCache, DeepCacheSDHelper, branch 0, uniform interval)."""
+    DeepCacheSDHelper = pytest.importorskip("DeepCache").DeepCacheSDHelper
+    import copy
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    model, sample, ctx = tiny
+    sched = DDIMScheduler()
+    sched.set_timesteps(7)
+    peer = copy.deepcopy(model)
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=peer, scheduler=sched))
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    fast, made = compile_steps(model, method="deepcache", cache_interval=3)
+    g = torch.Generator().manual_seed(5)
+    try:
+        for t in sched.timesteps:
+            x = sample + 0.2 * torch.randn(sample.shape, generator=g)
+            torch.testing.assert_close(fast(x, t, ctx).sample, peer(x, t, ctx).sample, rtol=1e-5, atol=1e-6)
+    finally:
+        helper.disable()
+    assert made[0].kinds == ["full", "shallow", "shallow"] * 2 + ["full"]
+
+
+def tiny_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8).eval()
+    return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=models.unet(models.SD15_TINY),
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_apply_and_remove_on_a_pipeline():
+    import graphprune
+
+    pipe = tiny_pipeline()
+    original_unet, original_class = pipe.unet, type(pipe)
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def generate():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=6, height=16, width=16,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    baseline = generate()
+    with pytest.raises(ValueError, match="unknown option"):
+        graphprune.apply(pipe, method="dato", interval=2)
+    graphprune.apply(pipe, method="deepcache", cache_interval=2, compiler="eager")
+    assert pipe.unet is not original_unet and pipe.unet.config.in_channels == 4
+    first, second = generate(), generate()
+    assert torch.equal(first, second)  # state is reset per call: no leak between images
+    assert 1e-4 < rel_err(first, baseline) < 0.5
+    (rt,) = graphprune.runtimes(pipe)
+    assert rt.previous_kinds == ["full", "shallow"] * 3 and rt.generation >= 1
+    graphprune.remove(pipe)
+    assert pipe.unet is original_unet and type(pipe) is original_class
+    assert torch.equal(generate(), baseline)
