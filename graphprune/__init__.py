@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
-from .config import (CachingConfig, DaToConfig, DeepCacheConfig, PruneConfig, SiToConfig, ToMeConfig, config_from_dict,
-                     config_to_dict, method_names, parse_options)
+from .config import (CachingConfig, DaToConfig, DeepCacheConfig, PruneConfig, RandomConfig, SiToConfig, ToDoConfig,
+                     ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options)
 from .methods import registered_methods
 from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
@@ -60,6 +60,6 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
 
 __all__ = ["inspect", "apply", "remove", "reset", "runtimes", "StepRuntime", "Schedule", "build_schedule",
            "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig", "CachingConfig",
-           "DeepCacheConfig", "DaToConfig",
+           "DeepCacheConfig", "DaToConfig", "ToDoConfig", "RandomConfig",
            "parse_options", "config_to_dict", "config_from_dict", "method_names", "registered_methods",
            "GraphReport", "InspectReport", "SiteReport", "__version__"]

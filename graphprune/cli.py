@@ -33,9 +33,9 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _model_and_inputs(args: argparse.Namespace):
-    from .archs import build_unet, example_inputs, load_unet
+    from .archs import build_model, example_inputs, load_unet
 
-    unet = load_unet(args.model) if args.model else build_unet(args.arch)
+    unet = load_unet(args.model) if args.model else build_model(args.arch)
     call_args, kwargs = example_inputs(unet, latent=args.latent, batch=args.batch, structured=False)
     return unet, call_args, kwargs
 

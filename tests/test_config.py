@@ -15,7 +15,7 @@ def test_defaults_and_typed_configs():
     assert cfg.compiler == "inductor" and cfg.max_downsample == 1
     typed = ToMeConfig(ratio=0.3, use_rand=False)
     assert parse_options(typed) is typed
-    assert {"tome", "sito"} <= set(method_names())
+    assert {"tome", "sito", "todo", "random"} <= set(method_names())
 
 
 @pytest.mark.parametrize("options, words", [
@@ -58,6 +58,11 @@ def test_backend_rejects_bad_options_through_torch_compile():
     fast = torch.compile(model, backend="graphprune", options={"method": "sito", "bogus": 1})
     with pytest.raises(Exception, match="bogus"):
         fast(torch.randn(2, 4))
+
+
+def test_every_method_is_implemented_or_planned():
+    names = {"tome", "sito", "todo", "random", "deepcache", "dato", "catome", "atedm"}
+    assert set(method_names()) | set(PLANNED_METHODS) == names and not set(method_names()) & set(PLANNED_METHODS)
 
 
 @pytest.mark.parametrize("name", sorted(PLANNED_METHODS))

@@ -166,8 +166,8 @@ def find_timestep_input(graph: Graph) -> int | None:
     timestep was a Python number, which Dynamo bakes into the graph).
     """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    starts = [n for n in graph.nodes if module_path(n).split(".")[0] in ("time_proj", "time_embed", "t_embedder",
-                                                                         "adaln_single")]
+    names = ("time_proj", "time_embed", "t_embedder", "adaln_single")  # anywhere in the path: DiT's sit in norm1.emb
+    starts = [n for n in graph.nodes if any(part in names for part in module_path(n).split("."))]
     seen: set[Node] = set()
     stack = list(starts)
     found: list[Node] = []

@@ -153,6 +153,20 @@ def _splice_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: Tok
     sp.erase(site.internal | {out})
 
 
+def _splice_kv_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: TokenMethod, config: PruneConfig
+                         ) -> None:
+    """Rewrite form "kv": all N queries attend to keys/values projected from ``method.reduce`` of the attention
+    input (B, M, C); the output keeps N tokens, so nothing is restored."""
+    reduce = _named(lambda p, x: method.reduce(config, p, x), f"graphprune_{method.name}_reduce")
+    out = site.out.linear
+    with sp.graph.inserting_before(out):
+        xkv = sp.call(reduce, (plan, site.x), out)
+        y = sp.call(_attention_call(site), (site.x, xkv, *_weights(site.q), *_weights(site.k), *_weights(site.v),
+                                            *_weights(site.out)), out)
+    out.replace_all_uses_with(y)
+    sp.erase(site.internal | {out})
+
+
 _TOKENWISE_KINDS = {"linear", "cast", "scale", "add", "dropout"}
 _TOKENWISE_FUNCS = {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "add", "chunk", "getitem", "mul.Tensor",
                     "add.Tensor", "gelu.default", "silu.default", "chunk.default", "split.Tensor", "split"}
@@ -261,7 +275,7 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
             rep.status, rep.reason = "skipped", f"{method.name} needs {missing} (state of the step-aware runtime)"
             continue
         mshape = tensor_shape(site.metric)
-        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1])
+        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1], level=levels[i])
         try:
             rep.K = method.budget(config, geo)
         except SiteSkip as exc:
@@ -280,8 +294,14 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
         state = [context[name] for name in method.context_inputs]
         with graph.inserting_before(first):  # dominates this layer's attention, cross-attention and FF
             plan = sp.call(plan_fn, (site.metric, *state, *rand_nodes), site.x)
+        if method.form == "kv":  # queries stay: only keys/values shrink; no cross/ff scope (the config checks)
+            _splice_kv_attention(sp, site, plan, method, config)
+            rep.status, rep.reason = "pruned", f"keys/values {site.N} -> {rep.K} tokens (all {site.N} queries kept)"
+            result.changed = True
+            continue
         _splice_attention(sp, site, plan, method, config)
-        rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (similarity on {site.metric_source})"
+        rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens " + (
+            f"(similarity on {site.metric_source})" if method.uses_metric else "(no similarity metric)")
         if "cross" in config.scope:
             for j in by_block.get((site.block_path, "cross"), []):
                 cross = sites[j]
