@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -216,7 +217,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
               "arch": opts.arch, "latent": opts.latent, "batch": 2, "steps": opts.steps, "guidance": opts.guidance,
               "scheduler": "DDIM", "runs": opts.runs, "git_commit": git_commit(), "uncommitted": git_dirty(),
               "config_blocks": unet_config(opts.arch).get("block_out_channels"),
-              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "loadavg_start": os.getloadavg()}
     log.info("%s", json.dumps(header))
     results: dict[str, Any] = {"header": header, "variants": {}}
     flops_base = None
@@ -267,6 +269,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             "flop_bound": flops_base * opts.steps / run_flops if run_flops else None, "final": final,
         }
         log.info("%s: %.2f s/generation", name, statistics.median(gens))
+    header["loadavg_end"] = os.getloadavg()  # other processes on the machine skew every time
     base = results["variants"].get("inductor", {}).get("seconds")
     for key, r in results["variants"].items():
         r["speedup"] = base / r["seconds"] if base else None
