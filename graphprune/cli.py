@@ -1,4 +1,5 @@
-"""The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites."""
+"""The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
+``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports."""
 
 from __future__ import annotations
 
@@ -53,6 +54,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Prune and export a UNet: a torch.export program (.pt2), an ONNX file, or a TensorRT program (.ep)."""
+    from .export import check_onnx, export_program, to_onnx, to_tensorrt
+
+    unet, call_args, kwargs = _model_and_inputs(args)
+    options = {"method": args.method, "ratio": args.ratio, "scope": args.scope,
+               "max_downsample": args.max_downsample}
+    if args.format == "onnx":
+        path = to_onnx(unet, call_args, args.output, kwargs, options=options, random=args.random)
+        print(check_onnx(path))
+    elif args.format == "program":
+        ep = export_program(unet, call_args, kwargs, options=options, random=args.random)
+        torch.export.save(ep, args.output)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("--format tensorrt needs a CUDA device and torch-tensorrt (pip install "
+                             "'graphprune[tensorrt]')")
+        unet = unet.cuda()
+        call_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in call_args)
+        to_tensorrt(unet, call_args, kwargs, options=options, random=args.random, path=args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .archs import ARCHS
 
@@ -68,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON to this path")
     _add_method_args(p)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("export", help="prune a UNet and export it (ONNX file, torch.export program, TensorRT)")
+    p.add_argument("--arch", choices=ARCHS, default="sd15", help="built-in architecture (random weights)")
+    p.add_argument("--model", help="local diffusers folder (UNet or pipeline) instead of --arch")
+    p.add_argument("--latent", type=int, default=64, help="latent height and width (default 64); static")
+    p.add_argument("--batch", type=int, default=2, help="batch size (2 = classifier-free guidance); static")
+    p.add_argument("--format", choices=("onnx", "program", "tensorrt"), default="onnx",
+                   help="onnx (.onnx, checked against TensorRT's parser), program (torch.export .pt2), "
+                        "tensorrt (torch-tensorrt .ep; needs CUDA)")
+    p.add_argument("--random", choices=("fixed", "inputs"), default="fixed",
+                   help="random inputs stored (the backend's first draw for the seed) or as extra model inputs")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    _add_method_args(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping
 
 CONFIG_VERSION = 1
 SCOPES = ("self", "cross", "ff")
-COMPILERS = ("inductor", "eager", "aot_eager")
+COMPILERS = ("inductor", "eager", "aot_eager", "tensorrt")
 PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
 TODO_DOWNSAMPLE = ("nearest-exact", "nearest", "avg_pool", "max_pool")
 
@@ -70,7 +70,8 @@ class PruneConfig:
         max_downsample: prune sites whose token grid is at most this factor coarser than the finest attention
             grid of the graph (1 = the highest-resolution level only, like tomesd's default).
         compiler: the inner compiler for the rewritten graph: ``"inductor"`` (default), ``"eager"`` (run the
-            rewritten FX graph as is; for numerics and debugging) or ``"aot_eager"``.
+            rewritten FX graph as is; for numerics and debugging), ``"aot_eager"`` or ``"tensorrt"`` (export and
+            ``torch_tensorrt.dynamo.compile``, as :mod:`graphprune.export.tensorrt`; needs CUDA + torch-tensorrt).
         mode: forwarded to Inductor (``"max-autotune"``, ``"reduce-overhead"``, ...).
 
     Args to tinker with:

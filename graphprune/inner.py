@@ -52,6 +52,10 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     """Hand the (rewritten) graph to the configured inner compiler."""
     if config.compiler == "eager":
         return gm.forward
+    if config.compiler == "tensorrt":  # same path as graphprune.export.to_tensorrt
+        from .export.tensorrt import compile_graph
+
+        return compile_graph(gm, example_inputs)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 

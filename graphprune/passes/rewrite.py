@@ -114,11 +114,11 @@ class _Splicer:
 
     def erase(self, nodes: set[Node]) -> None:
         """Erase nodes (and export's metadata asserts on them) that no longer have users."""
-        for n in list(nodes):
-            for a in assert_users(n):
-                self.graph.erase_node(a)
+        asserts = {a for n in nodes for a in assert_users(n)}
+        for a in asserts:
+            self.graph.erase_node(a)
         order = {n: i for i, n in enumerate(self.graph.nodes)}
-        for n in sorted(nodes, key=lambda n: -order[n]):
+        for n in sorted(nodes - asserts, key=lambda n: -order[n]):  # an assert may itself be in ``nodes``
             if not n.users:
                 self.graph.erase_node(n)
 
