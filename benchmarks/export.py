@@ -235,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.tensorrt:
                 report["tensorrt"].append(bench_tensorrt(args, latent))
                 print(json.dumps(report["tensorrt"][-1], indent=1))
-    out = Path(args.out)
+            write(report, Path(args.out))  # after every latent size: a long run that is stopped keeps its results
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

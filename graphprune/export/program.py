@@ -192,11 +192,5 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     return ep
 
 
-def run_program(ep: ExportedProgram, *args: Any, **kwargs: Any) -> Any:
-    """``ep.module()(*args, **kwargs)`` under no_grad (a convenience for tests and scripts)."""
-    with torch.no_grad():
-        return ep.module()(*args, **kwargs)
-
-
 __all__ = ["export_program", "export_info", "random_feed", "ExportInfo", "RANDOM_MODES", "RANDOM_KWARG",
-           "config_from", "run_program"]
+           "config_from"]
