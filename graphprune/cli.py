@@ -59,8 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_onnx, export_program, to_onnx, to_tensorrt
 
     unet, call_args, kwargs = _model_and_inputs(args)
-    options = {"method": args.method, "ratio": args.ratio, "scope": args.scope,
-               "max_downsample": args.max_downsample}
+    options = _options(args)
     if args.format == "onnx":
         path = to_onnx(unet, call_args, args.output, kwargs, options=options, random=args.random)
         print(check_onnx(path))

@@ -351,3 +351,8 @@ def test_cli_export(tmp_path):
                  "-o", str(tmp_path / "tiny.onnx")]) == 0
     res = check_onnx(tmp_path / "tiny.onnx")
     assert res.ok and res.op_counts["TopK"] == 3
+
+
+def test_step_aware_methods_are_refused(tiny, args):
+    with pytest.raises(NotImplementedError, match="step-aware"):
+        export_program(tiny, args, method="deepcache")
