@@ -43,6 +43,14 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "dato-imagenet": ("graphprune dato r=0.4 S_A", "graphprune", {"method": "dato", "schedule": "dato-imagenet"}),
     "dato-coco": ("graphprune dato r=0.4 S_B", "graphprune", {"method": "dato", "schedule": "dato-coco"}),
     "sito0.5": ("graphprune sito r=0.5", "graphprune", {"method": "sito", "ratio": 0.5}),
+    # the rewritten graphs without Inductor (compiler="eager"): what step caching saves, without compile time
+    "deepcache3-fx": ("graphprune deepcache N=3 (fx)", "graphprune", {"method": "deepcache", "cache_interval": 3,
+                                                                      "compiler": "eager"}),
+    "dato-imagenet-fx": ("graphprune dato S_A (fx)", "graphprune", {"method": "dato", "schedule": "dato-imagenet",
+                                                                    "compiler": "eager"}),
+    "dato-coco-fx": ("graphprune dato S_B (fx)", "graphprune", {"method": "dato", "schedule": "dato-coco",
+                                                                "compiler": "eager"}),
+    "sito0.5-fx": ("graphprune sito r=0.5 (fx)", "graphprune", {"method": "sito", "ratio": 0.5, "compiler": "eager"}),
     "DeepCache3": ("DeepCache pkg N=3 (eager)", "peer", {"cache_interval": 3}),
     "DeepCache3+inductor": ("DeepCache pkg N=3 + inductor", "peer-inductor", {"cache_interval": 3}),
 }
@@ -61,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="write a speedup-vs-error plot (PNG) here")
     p.add_argument("--quick", action="store_true", help="tiny UNet, latent 16, 10 steps, few variants (smoke)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.arch, opts.latent, opts.steps = "tiny", 16, 10
@@ -206,6 +215,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     import graphprune
     from graphprune.archs import build_unet, unet_config
 
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = build_unet(opts.arch, dtype=dtype).to(device)
@@ -271,21 +282,24 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         log.info("%s: %.2f s/generation", name, statistics.median(gens))
     header["loadavg_end"] = os.getloadavg()  # other processes on the machine skew every time
     base = results["variants"].get("inductor", {}).get("seconds")
+    eager = results["variants"].get("eager", {}).get("seconds")
     for key, r in results["variants"].items():
         r["speedup"] = base / r["seconds"] if base else None
+        r["vs_eager"] = eager / r["seconds"] if eager else None
         r["error"] = rel_error(r.pop("final"), baseline_final) if baseline_final is not None else None
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| variant | s / generation | vs Inductor | FLOP bound | final-latent rel. err | full / shallow / reuse "
-            "| compiled graphs |", "|---|---|---|---|---|---|---|"]
+    rows = ["| variant | s / generation | vs Inductor | vs eager | FLOP bound | final-latent rel. err | "
+            "full / shallow / reuse | compiled graphs |", "|---|---|---|---|---|---|---|---|"]
     for r in results["variants"].values():
         k = r["kinds"]
-        rows.append(f"| {r['name']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | "
+        ve = f"{r['vs_eager']:.2f}x" if r.get("vs_eager") else "-"
+        rows.append(f"| {r['name']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {ve} | "
                     f"{r['flop_bound']:.2f}x | {r['error']:.3g} | {k['full']} / {k['shallow']} / {k['reuse']} | "
                     f"{', '.join(r['compiled_variants']) or '-'} |" if r["speedup"] and r["error"] is not None
-                    else f"| {r['name']} | {r['seconds']:.2f} | - | - | - | - | - |")
+                    else f"| {r['name']} | {r['seconds']:.2f} | - | - | - | - | - | - |")
     return "\n".join(rows)
 
 
