@@ -12,29 +12,54 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
-from .config import PruneConfig, SiToConfig, ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options
+from .config import (CachingConfig, DaToConfig, DeepCacheConfig, PruneConfig, RandomConfig, SiToConfig, ToDoConfig,
+                     ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options)
 from .methods import registered_methods
+from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
+from .runtime import StepRuntime, reset, runtimes
+from .schedule import Schedule, build_schedule
 
 __version__ = "0.1.0"
 
 
-def inspect(model: torch.nn.Module, *args: Any, options: dict[str, Any] | PruneConfig | None = None,
+def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None = None,
             **kwargs: Any) -> InspectReport:
     """Trace ``model(*args, **kwargs)`` once and report every attention site and what ``options`` would do to it.
 
     Runs the rewritten graph eagerly (no Inductor compile), so it is cheap. Returns an :class:`InspectReport`;
-    ``print`` it for a table.
+    ``print`` it for a table. For a step-aware method the report also holds the runtime (schedule, cut point,
+    compiled variants: the full and the shallow one are both built) and the bytes of state it holds.
+
+    Without inputs, ``inspect(fast)`` describes the live step-aware runtimes of an already compiled model (variants
+    compiled so far, their calls, the state held now).
     """
+    if not args and not kwargs and options is None:
+        found = runtimes(model)
+        return InspectReport(graphs=[g for r in found for g in (v.report for v in r.variants.values())],
+                             runtimes=[r.describe() for r in found])
     config = dataclasses.replace(parse_options(options), compiler="eager", mode=None)
     graphs: list[GraphReport] = []
-    compiled = torch.compile(model, backend=lambda gm, ex: graphprune_backend(gm, ex, options=config,
-                                                                             reports=graphs))
+    made: list[Any] = []
+
+    def backend(gm: Any, ex: Any) -> Any:
+        fn = graphprune_backend(gm, ex, options=config, reports=graphs, register_runtime=False)
+        made.append(fn)
+        return fn
+
+    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         compiled(*args, **kwargs)
-    return InspectReport(graphs=graphs)
+        infos = []
+        for fn in made:
+            if isinstance(fn, StepRuntime):
+                fn.build_variants()  # eager: the shallow graph too, without running it
+                infos.append(fn.describe())
+    return InspectReport(graphs=graphs, runtimes=infos)
 
 
-__all__ = ["inspect", "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig",
+__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "StepRuntime", "Schedule", "build_schedule",
+           "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig", "CachingConfig",
+           "DeepCacheConfig", "DaToConfig", "ToDoConfig", "RandomConfig",
            "parse_options", "config_to_dict", "config_from_dict", "method_names", "registered_methods",
            "GraphReport", "InspectReport", "SiteReport", "__version__"]

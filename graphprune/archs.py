@@ -1,7 +1,9 @@
-"""Built-in UNet architectures (published diffusers configs; random weights) and their example inputs.
+"""Built-in architectures (published diffusers configs and tiny test configs; random weights) and example inputs.
 
-    unet = build_unet("sd15")                                  # SD1.5 architecture, random weights
+    unet = build_model("sd15")                                 # SD1.5 architecture, random weights
     args, kwargs = example_inputs(unet, latent=64, batch=2)    # (sample, t, text context), added_cond_kwargs
+    dit = build_model("pixart-tiny")                           # DiTs: PixArt-style (ada_norm_single), DiT (ada_norm_zero)
+    args, kwargs = example_inputs(dit, latent=16)              # (sample,), {"timestep": (B,), ...}
     unet = load_unet("/path/to/local/diffusers/folder")        # real weights from a local folder (no hub access)
 """
 
@@ -26,7 +28,22 @@ TINY: dict[str, Any] = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 8, "sample_size": 16,
 }
 
-ARCHS = ("sd15", "sd2", "sdxl", "tiny")
+#: Tiny transformer (DiT-family) configs: 2 layers, patch 2, so a 16 x 16 latent gives an 8 x 8 token grid.
+PIXART_TINY: dict[str, Any] = {
+    "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+    "cross_attention_dim": 16, "sample_size": 16, "patch_size": 2, "caption_channels": 16, "norm_num_groups": 8,
+}
+DIT_TINY: dict[str, Any] = {
+    "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+    "sample_size": 16, "patch_size": 2, "norm_num_groups": 8,
+}
+#: transformer arch -> (diffusers class name, config)
+TRANSFORMERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pixart-tiny": ("PixArtTransformer2DModel", PIXART_TINY),
+    "dit-tiny": ("DiTTransformer2DModel", DIT_TINY),
+}
+
+ARCHS = ("sd15", "sd2", "sdxl", "tiny", *TRANSFORMERS)
 
 
 def unet_config(arch: str) -> dict[str, Any]:
@@ -39,13 +56,24 @@ def unet_config(arch: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def build_unet(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A UNet2DConditionModel of a built-in architecture with seeded random weights, in eval mode."""
-    from diffusers import UNet2DConditionModel
+def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """The model of a built-in architecture (a UNet2DConditionModel, or a DiT-family transformer for
+    ``pixart-tiny`` / ``dit-tiny``) with seeded random weights, in eval mode."""
+    import diffusers
 
+    if arch in TRANSFORMERS:
+        cls_name, cfg = TRANSFORMERS[arch]
+        cls, kwargs = getattr(diffusers, cls_name), dict(cfg)
+    else:
+        cls, kwargs = diffusers.UNet2DConditionModel, unet_config(arch)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(arch)).eval()
-    return unet if dtype == torch.float32 else unet.to(dtype)
+    model = cls(**kwargs).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def build_unet(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """The same as :func:`build_model` (kept for existing callers; it also builds the transformer archs)."""
+    return build_model(arch, dtype=dtype, seed=seed)
 
 
 def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -77,6 +105,8 @@ def example_inputs(unet: torch.nn.Module, latent: int, batch: int = 2, seed: int
         sample = image_latents(batch, cfg.in_channels, latent, latent)
     else:
         sample = torch.randn(batch, cfg.in_channels, latent, latent, generator=g)
+    if type(unet).__name__ in ("PixArtTransformer2DModel", "DiTTransformer2DModel"):
+        return _transformer_inputs(unet, sample.to(device, dtype), g, timestep)
     context = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
     kwargs: dict[str, Any] = {}
     if cfg.addition_embed_type == "text_time":
@@ -88,3 +118,26 @@ def example_inputs(unet: torch.nn.Module, latent: int, batch: int = 2, seed: int
         }
     t = torch.tensor(timestep, device=device)
     return (sample.to(device, dtype), t, context.to(device, dtype)), kwargs
+
+
+def _transformer_inputs(model: torch.nn.Module, sample: torch.Tensor, g: torch.Generator, timestep: int
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """DiT-family call: ``((sample,), {"timestep": (B,), ...})``. PixArt gets a caption context (B, 77,
+    caption_channels) and its resolution/aspect-ratio conditions where the config uses them; DiT gets class labels
+    (row 0 the null class, as in classifier-free guidance, when the batch is even)."""
+    cfg, (B, _, H, W) = model.config, sample.shape
+    device, dtype = sample.device, sample.dtype
+    kwargs: dict[str, Any] = {"timestep": torch.full((B,), timestep, device=device)}
+    if type(model).__name__ == "PixArtTransformer2DModel":
+        kwargs["encoder_hidden_states"] = torch.randn(B, 77, cfg.caption_channels, generator=g).to(device, dtype)
+        extra = {"resolution": None, "aspect_ratio": None}
+        if getattr(model, "use_additional_conditions", False):
+            extra = {"resolution": torch.tensor([[H * 8, W * 8]] * B, dtype=dtype, device=device),
+                     "aspect_ratio": torch.tensor([[1.0]] * B, dtype=dtype, device=device)}
+        kwargs["added_cond_kwargs"] = extra
+    else:
+        labels = torch.randint(cfg.num_embeds_ada_norm, (B,), generator=g)
+        if B % 2 == 0:
+            labels[: B // 2] = cfg.num_embeds_ada_norm  # the null class (DiT's classifier-free guidance row)
+        kwargs["class_labels"] = labels.to(device)
+    return (sample,), kwargs

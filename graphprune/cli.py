@@ -1,4 +1,5 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
+``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
 ``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
 
 from __future__ import annotations
@@ -13,15 +14,30 @@ import torch
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sito", help="pruning method (default: sito)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens removed (default: 0.5)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of tokens removed (default: the method's, 0.5 for tome/sito, 0.4 for dato)")
     p.add_argument("--scope", default="self", help="self | self+cross | self+cross+ff (default: self)")
     p.add_argument("--max-downsample", type=int, default=1, help="prune levels up to this downsample (default 1)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="deepcache/dato: a full step every N calls (default 3)")
+    p.add_argument("--schedule", default=None,
+                   help="deepcache/dato: uniform | deepcache-nonuniform | dato-imagenet | dato-coco")
+    p.add_argument("--cache-branch", type=int, default=None, help="deepcache/dato: where the UNet is cut (default 0)")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (unset ones keep the method's defaults)."""
+    options = {"method": args.method, "scope": args.scope, "max_downsample": args.max_downsample}
+    for key in ("ratio", "cache_interval", "schedule", "cache_branch"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
 
 
 def _model_and_inputs(args: argparse.Namespace):
-    from .archs import build_unet, example_inputs, load_unet
+    from .archs import build_model, example_inputs, load_unet
 
-    unet = load_unet(args.model) if args.model else build_unet(args.arch)
+    unet = load_unet(args.model) if args.model else build_model(args.arch)
     call_args, kwargs = example_inputs(unet, latent=args.latent, batch=args.batch, structured=False)
     return unet, call_args, kwargs
 
@@ -30,13 +46,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import graphprune
 
     unet, call_args, kwargs = _model_and_inputs(args)
-    options = {"method": args.method, "ratio": args.ratio, "scope": args.scope,
-               "max_downsample": args.max_downsample}
+    options = _options(args)
     report = graphprune.inspect(unet, *call_args, options=options, **kwargs)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report.to_dict(), fh, indent=1)
     print(report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Prune and export a UNet: a torch.export program (.pt2), an ONNX file, or a TensorRT program (.ep)."""
+    from .export import check_onnx, export_program, to_onnx, to_tensorrt
+
+    unet, call_args, kwargs = _model_and_inputs(args)
+    options = _options(args)
+    if args.format == "onnx":
+        path = to_onnx(unet, call_args, args.output, kwargs, options=options, random=args.random)
+        print(check_onnx(path))
+    elif args.format == "program":
+        ep = export_program(unet, call_args, kwargs, options=options, random=args.random)
+        torch.export.save(ep, args.output)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("--format tensorrt needs a CUDA device and torch-tensorrt (pip install "
+                             "'graphprune[tensorrt]')")
+        unet = unet.cuda()
+        call_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in call_args)
+        to_tensorrt(unet, call_args, kwargs, options=options, random=args.random, path=args.output)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -55,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON to this path")
     _add_method_args(p)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("export", help="prune a UNet and export it (ONNX file, torch.export program, TensorRT)")
+    p.add_argument("--arch", choices=ARCHS, default="sd15", help="built-in architecture (random weights)")
+    p.add_argument("--model", help="local diffusers folder (UNet or pipeline) instead of --arch")
+    p.add_argument("--latent", type=int, default=64, help="latent height and width (default 64); static")
+    p.add_argument("--batch", type=int, default=2, help="batch size (2 = classifier-free guidance); static")
+    p.add_argument("--format", choices=("onnx", "program", "tensorrt"), default="onnx",
+                   help="onnx (.onnx, checked against TensorRT's parser), program (torch.export .pt2), "
+                        "tensorrt (torch-tensorrt .ep; needs CUDA)")
+    p.add_argument("--random", choices=("fixed", "inputs"), default="fixed",
+                   help="random inputs stored (the backend's first draw for the seed) or as extra model inputs")
+    p.add_argument("-o", "--output", required=True, help="output file")
+    _add_method_args(p)
+    p.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Mapping
 
 CONFIG_VERSION = 1
 SCOPES = ("self", "cross", "ff")
-COMPILERS = ("inductor", "eager", "aot_eager")
+COMPILERS = ("inductor", "eager", "aot_eager", "tensorrt")
 PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
+TODO_DOWNSAMPLE = ("nearest-exact", "nearest", "avg_pool", "max_pool")
 
 # method name -> config class; filled by @register_config below (methods/ register their math separately).
 _CONFIG_TYPES: dict[str, type["PruneConfig"]] = {}
@@ -32,12 +33,8 @@ def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
 
 #: Methods on the roadmap: naming one raises NotImplementedError (listed in the README).
 PLANNED_METHODS = {
-    "dato": "DaTo (feature caching + dynamics-aware pruning)",
-    "deepcache": "DeepCache-style feature caching",
     "catome": "CA-ToMe (threshold merging with a cache of matches)",
     "atedm": "AT-EDM (attention-ranked pruning with per-step budgets)",
-    "todo": "ToDo (token downsampling of keys and values)",
-    "random": "random pruning (the floor every method must beat)",
 }
 
 
@@ -73,7 +70,8 @@ class PruneConfig:
         max_downsample: prune sites whose token grid is at most this factor coarser than the finest attention
             grid of the graph (1 = the highest-resolution level only, like tomesd's default).
         compiler: the inner compiler for the rewritten graph: ``"inductor"`` (default), ``"eager"`` (run the
-            rewritten FX graph as is; for numerics and debugging) or ``"aot_eager"``.
+            rewritten FX graph as is; for numerics and debugging), ``"aot_eager"`` or ``"tensorrt"`` (export and
+            ``torch_tensorrt.dynamo.compile``, as :mod:`graphprune.export.tensorrt`; needs CUDA + torch-tensorrt).
         mode: forwarded to Inductor (``"max-autotune"``, ``"reduce-overhead"``, ...).
 
     Args to tinker with:
@@ -168,6 +166,199 @@ class SiToConfig(PruneConfig):
             raise ValueError(f"plan_dtype must be one of {PLAN_DTYPES}, got {self.plan_dtype!r}")
 
 
+def _int_factor(ratio: float) -> int | None:
+    """The integer factor f with ratio == 1 - 1/f**2 (to 1e-9), or None."""
+    f = round((1.0 - ratio) ** -0.5)
+    return f if abs(1.0 - 1.0 / (f * f) - ratio) < 1e-9 else None
+
+
+@register_config
+@dataclass(frozen=True)
+class ToDoConfig(PruneConfig):
+    """ToDo (token downsampling, Smith et al. 2024): every query attends to keys/values of a 2D subsample of the
+    attention input. No selection, no recovery; the output keeps all N tokens.
+
+    Important args:
+        factor: keys/values come from an (H // f) x (W // f) subsample of the H x W token grid at level 1 (the
+            official ``downsample_factor``; default 2 when neither ``factor`` nor ``ratio`` is given).
+        ratio: the fraction of keys/values removed, the alternative to ``factor`` for sweeps: the subsample is
+            round(H * s) x round(W * s) with s = sqrt(1 - ratio). A ratio of the form 1 - 1/f**2 IS factor f
+            (0.75 = factor 2, 0.8889 = 3, 0.9375 = 4). Giving both is allowed only when they agree.
+            ``ratio=0`` (or ``factor=1``) leaves the model unchanged.
+
+    Args to tinker with:
+        factor_level_2: factor at level 2 (the next coarser attention grid; official
+            ``downsample_factor_level_2``, default 1 = off); > 1 needs ``max_downsample >= 2``.
+        downsample_method: ``"nearest-exact"`` (official default: the centre-ish token i*f + f//2 of each f x f
+            block), ``"nearest"`` (the top-left token i*f, the official demo), ``"avg_pool"`` / ``"max_pool"``
+            (f x f windows at stride f; need an integer factor).
+    """
+
+    method: ClassVar[str] = "todo"
+    ratio: float | None = None  # type: ignore[assignment]  (derived from factor when omitted)
+    factor: int | None = None
+    factor_level_2: int = 1
+    downsample_method: str = "nearest-exact"
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "factor_level_2"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"todo: {name} must be an integer >= 1, got {value!r}")
+        if self.ratio is None:  # the factor (official default 2) fixes the ratio; ``factor`` stays as given
+            f = 2 if self.factor is None else self.factor
+            object.__setattr__(self, "ratio", 1.0 - 1.0 / f ** 2)
+        elif self.factor is not None and isinstance(self.ratio, (int, float)) and \
+                abs(float(self.ratio) - (1.0 - 1.0 / self.factor ** 2)) > 1e-9:
+            raise ValueError(f"todo: ratio {self.ratio} contradicts factor {self.factor}, which removes "
+                             f"1 - 1/{self.factor}**2 = {1.0 - 1.0 / self.factor ** 2:.4f} of the keys/values; "
+                             "pass only one of them")
+        super().__post_init__()
+        if self.downsample_method not in TODO_DOWNSAMPLE:
+            raise ValueError(f"todo: unknown downsample_method {self.downsample_method!r}; valid methods are "
+                             f"{TODO_DOWNSAMPLE}")
+        if self.downsample_method.endswith("_pool") and self.effective_factor is None:
+            raise ValueError(f"todo: downsample_method={self.downsample_method!r} needs an integer factor; "
+                             f"ratio {self.ratio} is not 1 - 1/f**2 (pass factor=2, 3, 4, ...)")
+        if self.scope != ("self",):
+            raise ValueError(f"todo: scope must be 'self' (got {'+'.join(self.scope)!r}): ToDo keeps every query, "
+                             "so there are no reduced tokens for cross-attention or the feed-forward to run on")
+        if (self.sx, self.sy) != (2, 2):
+            raise ValueError("todo: sx/sy are the cell strides of tome/sito; todo's stride is 'factor'")
+        if self.factor_level_2 > 1 and self.max_downsample < 2:
+            raise ValueError(f"todo: factor_level_2={self.factor_level_2} downsamples level 2, which needs "
+                             f"max_downsample >= 2 (got {self.max_downsample})")
+
+    @property
+    def effective_factor(self) -> int | None:
+        """The level-1 factor: ``factor`` if given, else f when ``ratio == 1 - 1/f**2``, else None (fractional)."""
+        return self.factor if self.factor is not None else _int_factor(self.ratio)
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any factor is allowed (ratio < 1 is checked by PruneConfig)
+
+
+@register_config
+@dataclass(frozen=True)
+class RandomConfig(PruneConfig):
+    """Random pruning, the floor every method must beat at equal K: keep K = N - int(N * ratio) tokens chosen
+    uniformly at random (per call and batch element), copy each pruned token's output from its nearest kept token
+    on the grid (Euclidean; ties to the lowest raster index).
+
+    Args to tinker with:
+        seed: seed of graphprune's own generator (one (B, N) noise draw per site and call).
+    """
+
+    method: ClassVar[str] = "random"
+    seed: int = 0
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any K >= 1 works
+
+
+STEP_KINDS = ("full", "shallow", "reuse")
+SELECTIONS = ("dynamics", "local_random")
+
+
+@dataclass(frozen=True)
+class CachingConfig(PruneConfig):
+    """Fields of the step-aware methods (feature caching across denoising steps; see :mod:`graphprune.schedule`).
+
+    Important args:
+        cache_interval: uniform schedule: a full step at 0, N, 2N, ... of each generation, shallow steps between
+            (default 3 when no ``schedule`` is given).
+        schedule: ``None``/``"uniform"`` (uses ``cache_interval``), ``"deepcache-nonuniform"`` (DeepCache's
+            quadratic schedule; needs ``num_steps``), a named preset (``"dato-imagenet"``, ``"dato-coco"``), or an
+            explicit list of step kinds (``"full"``, ``"shallow"``, ``"reuse"``), one per UNet call.
+        cache_branch: where the graph is cut: the cached tensor is the input of the ``cache_branch``-th ResNet of the
+            up path counted from the output end (0 = DeepCache's/DaTo's branch 0: only the last up stage runs).
+        num_steps: UNet calls per generation; required by ``"deepcache-nonuniform"``, checked against list
+            schedules, and selects the 50-call (DDIM) or 51-call (PLMS) form of the DaTo presets.
+
+    Args to tinker with:
+        nonuniform_center, nonuniform_pow: DeepCache's ``center`` and ``pow`` of the non-uniform schedule.
+        max_variants: the most compiled variants (one per distinct step kind and token budget) a runtime may hold.
+    """
+
+    cache_interval: int | None = None
+    schedule: Any = None
+    cache_branch: int = 0
+    num_steps: int | None = None
+    nonuniform_center: int = 15
+    nonuniform_pow: float = 1.4
+    max_variants: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.schedule, list):
+            object.__setattr__(self, "schedule", tuple(self.schedule))
+        for name in ("cache_interval", "num_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+        if isinstance(self.cache_branch, bool) or not isinstance(self.cache_branch, int) or self.cache_branch < 0:
+            raise ValueError(f"cache_branch must be an integer >= 0, got {self.cache_branch!r}")
+        if isinstance(self.max_variants, bool) or not isinstance(self.max_variants, int) or self.max_variants < 2:
+            raise ValueError(f"max_variants must be an integer >= 2, got {self.max_variants!r}")
+        from .schedule import build_schedule  # validates schedule, interval and length together
+
+        build_schedule(self)
+
+
+@register_config
+@dataclass(frozen=True)
+class DeepCacheConfig(CachingConfig):
+    """Feature caching alone (DeepCache's mechanism as a graph cut): full steps refresh the cached deep feature,
+    shallow steps run only the outer branch of the UNet on it, reuse steps return the previous output.
+    ``ratio`` must stay 0 (use ``method="dato"`` for caching plus pruning)."""
+
+    method: ClassVar[str] = "deepcache"
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ratio != 0:
+            raise ValueError("deepcache does not prune tokens (ratio must be 0); use method='dato' for feature "
+                             "caching plus token pruning")
+
+
+@register_config
+@dataclass(frozen=True)
+class DaToConfig(CachingConfig):
+    """DaTo: feature caching + SiTo-style pruning whose base tokens follow the temporal dynamics of the noise
+    prediction (official code semantics, research/dato.md section 3).
+
+    Important args:
+        ratio: fraction of tokens pruned at each top-level self-attention (official constant: 0.4).
+        gamma: weight of the dynamics d = mean_c |eps_(c-1) - eps_(c-2)| in the base score (official: 0.1).
+        noise_alpha: weight of the N(0, 1) noise in the base score (official: 0.1).
+        random_sign: flip the sign of gamma at random per site and call (the official code does; about half the
+            sites then pick the least dynamic token of each cell as base).
+        align_cfg: the conditional half of a CFG batch [uncond; cond] uses the unconditional half's base tokens.
+        selection: ``"dynamics"`` (official default) or ``"local_random"`` (a random base position per cell,
+            shared by the batch; no dynamics).
+        recover: ``"kept"`` (official: copy the most similar kept token) or ``"base"``.
+        seed: seed of graphprune's own generator for noise, signs and offsets.
+    """
+
+    method: ClassVar[str] = "dato"
+    ratio: float = 0.4
+    gamma: float = 0.1
+    noise_alpha: float = 0.1
+    random_sign: bool = True
+    align_cfg: bool = True
+    selection: str = "dynamics"
+    recover: str = "kept"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.recover not in ("kept", "base"):
+            raise ValueError(f"recover must be 'kept' (official code) or 'base', got {self.recover!r}")
+
+
 def config_fields(cls: type[PruneConfig]) -> tuple[str, ...]:
     """The option keys a config class accepts (besides ``method``)."""
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -200,6 +391,8 @@ def config_to_dict(config: PruneConfig) -> dict[str, Any]:
     """A JSON-ready dict: ``{"_type": method, "_version": n, "_data": {...}}``."""
     data = dataclasses.asdict(config)
     data["scope"] = list(config.scope)
+    if isinstance(data.get("schedule"), tuple):
+        data["schedule"] = list(data["schedule"])
     return {"_type": config.method, "_version": CONFIG_VERSION, "_data": data}
 
 
@@ -218,6 +411,7 @@ def with_overrides(config: PruneConfig, **changes: Any) -> PruneConfig:
 
 
 __all__ = [
-    "PruneConfig", "ToMeConfig", "SiToConfig", "parse_options", "config_to_dict", "config_from_dict",
+    "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig",
+    "DaToConfig", "parse_options", "config_to_dict", "config_from_dict",
     "method_names", "register_config", "with_overrides",
 ]

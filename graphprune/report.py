@@ -85,6 +85,8 @@ class InspectReport:
     """The reports of every graph Dynamo produced for one model call."""
 
     graphs: list[GraphReport]
+    #: step-aware runtimes (``StepRuntime.describe()``): schedule, cut, variants, bytes of state held
+    runtimes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -95,7 +97,15 @@ class InspectReport:
 
     def __str__(self) -> str:
         head = f"{len(self.graphs)} graph(s); " + "; ".join(g.summary() for g in self.graphs)
-        return format_table(self.sites, title=head)
+        lines = [format_table(self.sites, title=head)]
+        for r in self.runtimes:
+            lines.append(f"runtime[{r['method']}]: schedule {r['schedule']}; cut at {r['cut_description']}; "
+                         f"state held {r['state_bytes']} bytes")
+            for v in r["variants"]:
+                runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
+                lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
+                             f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graphs": [g.to_dict() for g in self.graphs]}
+        return {"graphs": [g.to_dict() for g in self.graphs], "runtimes": self.runtimes}

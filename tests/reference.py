@@ -56,19 +56,27 @@ def ref_tome(metric: torch.Tensor, h: int, w: int, ratio: float, sx: int = 2, sy
 
 
 def ref_sito(metric: torch.Tensor, H: int, W: int, ratio: float, noise: torch.Tensor | None = None,
-             alpha: float = 0.1, beta: float = 1.0, recover: str = "kept", sx: int = 2, sy: int = 2
-             ) -> tuple[Prune, Prune, torch.Tensor]:
-    """SiTo's prune_and_recover_tokens (official code, fp32, stable sorts). Returns (prune, recover, kept idx)."""
+             alpha: float = 0.1, beta: float = 1.0, recover: str = "kept", sx: int = 2, sy: int = 2,
+             score: torch.Tensor | None = None, align_cfg: bool = False) -> tuple[Prune, Prune, torch.Tensor]:
+    """SiTo's prune_and_recover_tokens (official code, fp32, stable sorts). Returns (prune, recover, kept idx).
+
+    DaTo's variant (its dato.py): ``score`` (B, N) replaces SimScore + noise as the base-token score, and with
+    ``align_cfg`` the second half of the batch takes the first half's window choice.
+    """
     B, N, _ = metric.shape
     m = F.normalize(metric, dim=-1)
     cos = m @ m.transpose(1, 2)  # (B, N, N): the full cosine graph, as the official code builds it
-    score = beta * cos.sum(dim=-1)
-    if noise is not None:
-        score = score + alpha * noise
+    if score is None:
+        score = beta * cos.sum(dim=-1)
+        if noise is not None:
+            score = score + alpha * noise
     hp, wp = H // sy, W // sx
     P, R = hp * wp, int(N * ratio)
     g = score.view(B, H, W)[:, : hp * sy, : wp * sx].reshape(B, hp, sy, wp, sx).permute(0, 1, 3, 2, 4)
     _, loc = g.reshape(B, hp, wp, sy * sx).max(dim=-1)
+    if align_cfg:
+        loc = loc.clone()
+        loc[B // 2:] = loc[: B // 2]
     buf = torch.zeros(B, hp, wp, sy * sx, dtype=torch.int64).scatter_(3, loc[..., None], -1)
     full = torch.zeros(B, H, W, dtype=torch.int64)
     full[:, : hp * sy, : wp * sx] = buf.view(B, hp, wp, sy, sx).permute(0, 1, 3, 2, 4).reshape(B, hp * sy, wp * sx)
@@ -114,6 +122,9 @@ class RefPruneProcessor:
         metric = self.state.pop("block_input")
         if self.method == "tome":
             reduce, restore = ref_tome(metric, H, W, self.ratio)
+        elif self.method == "dato":  # score = gamma * dynamics (B, N), provided by the test per UNet call
+            reduce, restore, _ = ref_sito(metric, H, W, self.ratio, score=self.kw["gamma"] * self.state["dynamics"],
+                                          align_cfg=True)
         else:
             reduce, restore, _ = ref_sito(metric, H, W, self.ratio, **self.kw)
         return restore(self.inner(attn, reduce(hidden_states)))
@@ -131,4 +142,5 @@ def install_reference(unet: torch.nn.Module, method: str, ratio: float, **kw) ->
                 lambda mod, args, kwargs: state.__setitem__("block_input", args[0] if args else
                                                             kwargs["hidden_states"]), with_kwargs=True)
             mod.attn1.set_processor(RefPruneProcessor(method, ratio, state, **kw))
+    unet.reference_state = state  # tests feed per-call inputs through it (DaTo: "dynamics" (B, N))
     return unet

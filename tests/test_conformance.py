@@ -1,18 +1,49 @@
-"""One suite over every registered method: a new method cannot skip it."""
+"""One suite over every registered method: a new method cannot skip it.
+
+"K kept tokens" is the budget of the rewrite form: tokens the attention runs on (form "tokens"), or the keys and
+values all N queries attend to (form "kv", ToDo).
+"""
+
+import math
 
 import pytest
 import torch
 
 import models
 from graphprune.methods import SiteGeometry, registered_methods
-from graphprune.config import parse_options
+from graphprune.config import CachingConfig, config_fields, parse_options
 from helpers import compile_with, rel_err
 
 METHODS = sorted(registered_methods())
+#: methods whose backend is the step-aware runtime: run here with every step full (cache_interval=1), so the suite
+#: checks their pruning; their caching is tested in test_steps.py
+STEP_AWARE = {m for m in METHODS if isinstance(parse_options({"method": m}), CachingConfig)}
+
+
+def model_options(method: str, **options):
+    """Options for a whole-model test: step-aware methods run every step full."""
+    return {"method": method, **options, **({"cache_interval": 1} if method in STEP_AWARE else {})}
+
+
+def expected_k(method: str, H: int, W: int, ratio: float) -> int:
+    """The documented budget: N - int(N * ratio) kept tokens, or for form "kv" (ToDo) the keys/values of an
+    (H // f) x (W // f) grid when ratio = 1 - 1/f**2, else of a round(H * s) x round(W * s) grid, s = sqrt(1 - ratio)."""
+    if registered_methods()[method].form == "kv":
+        f = round((1 - ratio) ** -0.5)
+        if abs(1 - 1 / f ** 2 - ratio) < 1e-9:
+            return (H // f) * (W // f)
+        s = math.sqrt(1 - ratio)
+        return math.floor(H * s + 0.5) * math.floor(W * s + 0.5)
+    return H * W - int(H * W * ratio)
+
+
+def seeded(method: str, seed: int) -> dict:
+    """``{"seed": seed}`` for methods that draw random inputs (others have no seed option)."""
+    return {"seed": seed} if "seed" in config_fields(type(parse_options({"method": method}))) else {}
 
 
 def test_registry_is_collected():
-    assert {"tome", "sito"} <= set(METHODS)
+    assert {"tome", "sito", "todo", "random"} <= set(METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +55,31 @@ def tiny():
 @pytest.mark.parametrize("method", METHODS)
 def test_identity_at_ratio_zero(method, tiny):
     model, args = tiny
-    fast, cap = compile_with(model, method=method, ratio=0.0)
+    fast, cap = compile_with(model, **model_options(method, ratio=0.0))
     assert torch.equal(fast(*args).sample, model(*args).sample)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
-def test_static_budget_and_shapes(method, ratio):
+@pytest.mark.parametrize("H,W", [(12, 10), (7, 9)])
+def test_static_budget_and_shapes(method, ratio, H, W):
     impl = registered_methods()[method]
     cfg = parse_options({"method": method, "ratio": ratio})
-    geo = SiteGeometry(B=2, N=12 * 10, C=8, H=12, W=10)
+    geo = SiteGeometry(B=2, N=H * W, C=8, H=H, W=W)
+    if ratio > 1 - (H // 2) * (W // 2) / geo.N:
+        pytest.skip("more tokens than the non-base ones")
     K = impl.budget(cfg, geo)
-    assert K == geo.N - int(geo.N * ratio)
+    assert K == expected_k(method, geo.H, geo.W, ratio)
     metric = torch.randn(2, geo.N, 8)
+    state = [torch.randn(2, 4, H, W) for _ in impl.context_inputs]  # cross-step state, e.g. DaTo's eps history
     rand = [torch.randn(s.shape) if s.kind == "normal" else torch.randint(s.high, s.shape)
             for s in impl.random_inputs(cfg, geo)]
-    plan = impl.plan(cfg, geo, metric, *rand)
+    plan = impl.plan(cfg, geo, metric, *state, *rand)
     x = torch.randn(2, geo.N, 5)
     reduced = impl.reduce(cfg, plan, x)
     assert reduced.shape == (2, K, 5)
+    if impl.form == "kv":  # keys/values only: the attention output already has N tokens
+        return
     restored = impl.restore(cfg, plan, reduced)
     assert restored.shape == x.shape and torch.isfinite(restored).all()
 
@@ -50,7 +87,7 @@ def test_static_budget_and_shapes(method, ratio):
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_model_is_close_but_different_and_compiles_once(method, tiny):
     model, (sample, t, ctx) = tiny
-    fast, cap = compile_with(model, method=method, ratio=0.5)
+    fast, cap = compile_with(model, **model_options(method, ratio=0.5))
     ref = model(sample, t, ctx).sample
     for step in torch.linspace(999, 0, 10).long():
         out = fast(sample, step, ctx).sample
@@ -62,7 +99,7 @@ def test_pruned_model_is_close_but_different_and_compiles_once(method, tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_compiles_the_rewrite(method, tiny):
     model, args = tiny
-    opts = {"method": method, "ratio": 0.5, "seed": 7}
+    opts = model_options(method, ratio=0.5, **seeded(method, 7))
     eager, _ = compile_with(model, **opts)
     expected = eager(*args).sample
     torch._dynamo.reset()
@@ -99,12 +136,15 @@ def test_aot_eager_compiler(tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_on_an_odd_grid(method):
     """7 x 9 tokens: leftover rows/columns that fill no 2 x 2 cell (constant index tables inside the graph)."""
+    if method in STEP_AWARE:
+        pytest.skip("step-aware methods need a UNet (timestep input, up path); their odd grids are covered by "
+                    "test_static_budget_and_shapes and test_steps.py")
     block = models.HandAttentionBlock().eval()
     img = torch.randn(2, 4, 7, 9)
-    opts = {"method": method, "ratio": 0.5, "seed": 2}
+    opts = {"method": method, "ratio": 0.5, **seeded(method, 2)}
     eager, cap = compile_with(block, **opts)
     expected = eager(img)
-    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == 63 - 31
+    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == expected_k(method, 7, 9, 0.5)
     torch._dynamo.reset()
     fast = torch.compile(block, backend="graphprune", options=opts)
     torch.testing.assert_close(fast(img), expected, rtol=1e-5, atol=1e-5)

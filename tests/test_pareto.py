@@ -33,7 +33,7 @@ def test_front_on_a_hand_made_example():
 
 def test_methods_come_from_the_registry_and_unknown_ones_error():
     assert pareto.resolve_methods(None) == graphprune.method_names()
-    assert set(pareto.resolve_methods(None)) == set(graphprune.registered_methods())
+    assert set(graphprune.registered_methods()) <= set(pareto.resolve_methods(None))  # + config-only (deepcache)
     assert pareto.resolve_methods(["tome", "sito", "tome"]) == ("tome", "sito")
     with pytest.raises(ValueError, match=r"registered methods are \[.*'sito'.*'tome'.*\]") as err:
         pareto.resolve_methods(["tome", "fancy"])
@@ -64,7 +64,7 @@ def test_generic_model_builder_is_used_when_present(monkeypatch):
     monkeypatch.setattr(archs, "build_model", lambda arch, dtype, seed: calls.append((arch, seed)) or "model",
                         raising=False)
     assert pareto.build_model("pixart-tiny", torch.float32, 3) == "model" and calls == [("pixart-tiny", 3)]
-    monkeypatch.delattr(archs, "build_model")
+    monkeypatch.undo()  # (build_unet itself may call build_model, so the fallback is not tested by deleting it)
     assert type(pareto.build_model("tiny", torch.float32, 0)).__name__ == "UNet2DConditionModel"
 
 

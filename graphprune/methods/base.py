@@ -24,13 +24,15 @@ ConfigT = TypeVar("ConfigT", bound=PruneConfig)
 
 @dataclass(frozen=True)
 class SiteGeometry:
-    """Static facts about one pruning site: batch B, tokens N = H * W (row-major grid), channels C."""
+    """Static facts about one pruning site: batch B, tokens N = H * W (row-major grid), channels C, and the site's
+    level (tomesd's downsample factor relative to the finest attention grid of the graph: 1, 2, 4, ...)."""
 
     B: int
     N: int
     C: int
     H: int
     W: int
+    level: int = 1
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,26 @@ class SiteSkip(Exception):
 
 
 class TokenMethod(Generic[ConfigT]):
-    """Base class of every method. Subclasses set ``name`` and ``config_type`` and implement the four hooks."""
+    """Base class of every method. Subclasses set ``name`` and ``config_type`` and implement the four hooks.
+
+    ``form`` picks the rewrite: ``"tokens"`` (the attention, and what the scope adds, runs on the K tokens
+    :meth:`reduce` keeps and :meth:`restore` brings back N) or ``"kv"`` (queries stay on all N tokens, only keys and
+    values come from the K tokens :meth:`reduce` returns; the output has N tokens, so :meth:`restore` is unused).
+    """
 
     name: str = ""
     config_type: type[PruneConfig] = PruneConfig
     #: whether the plan measures similarity on the pre-norm block input (ToMe, SiTo) or needs nothing
     uses_metric: bool = True
+    #: "tokens" (reduce -> attend -> restore) or "kv" (keys/values reduced, all queries kept)
+    form: str = "tokens"
+    #: names of cross-step state tensors :meth:`plan` takes after the metric (before the random inputs), provided
+    #: by the step-aware runtime as graph inputs (e.g. DaTo: the two previous noise predictions (B, c, h, w))
+    context_inputs: tuple[str, ...] = ()
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
-        """Kept tokens K (a Python int, < N). Raise :class:`SiteSkip` with a reason if the site can't be pruned."""
+        """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
+        reason if the site can't be pruned."""
         raise NotImplementedError
 
     def random_inputs(self, config: ConfigT, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
@@ -63,7 +76,8 @@ class TokenMethod(Generic[ConfigT]):
         return ()
 
     def plan(self, config: ConfigT, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:
-        """metric: (B, N, C') -> a tuple of tensors with static shapes (index maps)."""
+        """metric: (B, N, C'), then the ``context_inputs`` tensors, then the random inputs -> a tuple of tensors
+        with static shapes (index maps)."""
         raise NotImplementedError
 
     def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:

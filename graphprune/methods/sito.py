@@ -18,13 +18,46 @@ import torch.nn.functional as F
 
 from ..config import SiToConfig
 from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod, register_method
-from .tokens import cell_split, gather_tokens, scatter_slots, top_and_rest
+from .tokens import cell_argmax, cell_split, gather_tokens, scatter_slots, top_and_rest
 
 
 def prune_count(config: SiToConfig, geo: SiteGeometry) -> tuple[int, int, int]:
     """(R pruned, Nc candidates, P base tokens) for a site."""
     P = (geo.H // config.sy) * (geo.W // config.sx)
     return int(geo.N * config.ratio), geo.N - P, P
+
+
+def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, R: int, recover: str) -> Plan:
+    """SiTo stages 2 and 3 (also DaTo's): prune the R candidates most similar to some base token; copy recovery.
+
+    m: (B, N, C) L2-normalized tokens; base: (B, P) and cand: (B, Nc) token indices (a partition of [0, N)).
+    Returns keep (B, K) = [unpruned candidates..., base...] with K = N - R, and slot (B, N): the kept slot each
+    token reads after attention (a pruned token reads its most similar kept token with ``recover="kept"``, its most
+    similar base token with ``"base"``).
+    """
+    N = m.shape[1]
+    Nc = cand.shape[1]
+    K, Ku = N - R, Nc - R
+    B = m.shape[0]
+    # Stage 2: prune the R candidates most similar to some base token.
+    mc = gather_tokens(m, cand)
+    best, best_base = (mc @ gather_tokens(m, base).transpose(1, 2)).max(dim=-1)  # (B, Nc)
+    pruned, unpruned = top_and_rest(best, R)
+    keep = torch.cat([cand.gather(1, unpruned), base], dim=1)  # (B, K)
+    # Stage 3: recovery source of each pruned token, as a slot in [0, K).
+    base_val, base_src = best.gather(1, pruned), Ku + best_base.gather(1, pruned)  # best base of each pruned
+    if recover == "kept" and Ku > 0:
+        # argmax over all K kept = [unpruned candidates, base]: the base half is already known from stage 2,
+        # so only the (R, Ku) block is computed (half the official (R, K) work); ties prefer the candidate,
+        # as the first-index argmax over [candidates, base] does.
+        mp = gather_tokens(mc, pruned)  # (B, R, C)
+        cand_val, cand_src = (mp @ gather_tokens(mc, unpruned).transpose(1, 2)).max(dim=-1)  # (B, R)
+        src = torch.where(cand_val >= base_val, cand_src, base_src)
+    else:
+        src = base_src
+    ar = torch.arange(K, device=m.device).expand(B, K)
+    slot = scatter_slots(torch.cat([keep, cand.gather(1, pruned)], 1), torch.cat([ar, src], 1), N)
+    return keep, slot
 
 
 @register_method
@@ -52,36 +85,15 @@ class SiTo(TokenMethod[SiToConfig]):
         B, N = metric.shape[:2]
         H, W, sx, sy = geo.H, geo.W, config.sx, config.sy
         R, Nc, P = prune_count(config, geo)
-        K, Ku = N - R, Nc - R
         dtype = getattr(torch, config.plan_dtype) if config.plan_dtype else metric.dtype
         m = F.normalize(metric.to(dtype), dim=-1)
         # Stage 1: SimScore (row sum of the cosine graph) plus noise; base = argmax of each cell.
         score = config.sim_beta * (m @ m.sum(dim=1)[..., None]).squeeze(-1)  # (B, N)
         if rand:
             score = score + config.noise_alpha * rand[0].to(dtype)
-        hp, wp = H // sy, W // sx
-        cells = score.view(B, H, W)[:, : hp * sy, : wp * sx].reshape(B, hp, sy, wp, sx)
-        loc = cells.permute(0, 1, 3, 2, 4).reshape(B, P, sy * sx).argmax(dim=-1)  # (B, P)
+        loc = cell_argmax(score, H, W, sx, sy)  # (B, P)
         base, cand = cell_split(loc, H, W, sx, sy)  # (B, P), (B, Nc)
-        # Stage 2: prune the R candidates most similar to some base token.
-        mc = gather_tokens(m, cand)
-        best, best_base = (mc @ gather_tokens(m, base).transpose(1, 2)).max(dim=-1)  # (B, Nc)
-        pruned, unpruned = top_and_rest(best, R)
-        keep = torch.cat([cand.gather(1, unpruned), base], dim=1)  # (B, K)
-        # Stage 3: recovery source of each pruned token, as a slot in [0, K).
-        base_val, base_src = best.gather(1, pruned), Ku + best_base.gather(1, pruned)  # best base of each pruned
-        if config.recover == "kept" and Ku > 0:
-            # argmax over all K kept = [unpruned candidates, base]: the base half is already known from stage 2,
-            # so only the (R, Ku) block is computed (half the official (R, K) work); ties prefer the candidate,
-            # as the first-index argmax over [candidates, base] does.
-            mp = gather_tokens(mc, pruned)  # (B, R, C)
-            cand_val, cand_src = (mp @ gather_tokens(mc, unpruned).transpose(1, 2)).max(dim=-1)  # (B, R)
-            src = torch.where(cand_val >= base_val, cand_src, base_src)
-        else:
-            src = base_src
-        ar = torch.arange(K, device=metric.device).expand(B, K)
-        slot = scatter_slots(torch.cat([keep, cand.gather(1, pruned)], 1), torch.cat([ar, src], 1), N)
-        return keep, slot
+        return prune_similar_to_base(m, base, cand, R, config.recover)
 
     def reduce(self, config: SiToConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C) -> (B, K, C), the kept tokens."""

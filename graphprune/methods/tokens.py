@@ -34,6 +34,15 @@ def cell_split(loc: torch.Tensor, H: int, W: int, sx: int, sy: int) -> tuple[tor
     return chosen, others
 
 
+def cell_argmax(score: torch.Tensor, H: int, W: int, sx: int, sy: int) -> torch.Tensor:
+    """score: (B, N) over a row-major H x W grid -> (B, P) in-cell position (dy * sx + dx) of each sy x sx cell's
+    maximum (first index on ties); leftover rows/columns outside every cell are ignored."""
+    B = score.shape[0]
+    hp, wp = H // sy, W // sx
+    cells = score.view(B, H, W)[:, : hp * sy, : wp * sx].reshape(B, hp, sy, wp, sx)
+    return cells.permute(0, 1, 3, 2, 4).reshape(B, hp * wp, sy * sx).argmax(dim=-1)
+
+
 def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     """idx: (B, k) distinct indices in [0, n) -> (B, n - k) the others, ascending. Static count, no NonZero."""
     B, k = idx.shape

@@ -384,12 +384,13 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[Unmatc
     return sites, unmatched
 
 
-def downsample_levels(sites: list[AttentionSite]) -> dict[int, int]:
-    """Per site (by index): tomesd's downsample factor ceil(sqrt(N_max // N)) relative to the finest grid."""
+def downsample_levels(sites: list[AttentionSite], finest_tokens: int | None = None) -> dict[int, int]:
+    """Per site (by index): tomesd's downsample factor ceil(sqrt(N_max // N)) relative to the finest grid
+    (``finest_tokens`` if given, e.g. the whole model's when ``sites`` come from a slice of its graph)."""
     gridded = [s.N for s in sites if s.grid is not None and s.kind == "self"]
     if not gridded:
         return {}
-    n_max = max(gridded)
+    n_max = max(gridded + ([finest_tokens] if finest_tokens else []))
     return {i: math.ceil(math.sqrt(n_max // s.N)) for i, s in enumerate(sites) if s.grid is not None}
 
 

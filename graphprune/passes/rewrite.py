@@ -114,11 +114,11 @@ class _Splicer:
 
     def erase(self, nodes: set[Node]) -> None:
         """Erase nodes (and export's metadata asserts on them) that no longer have users."""
-        for n in list(nodes):
-            for a in assert_users(n):
-                self.graph.erase_node(a)
+        asserts = {a for n in nodes for a in assert_users(n)}
+        for a in asserts:
+            self.graph.erase_node(a)
         order = {n: i for i, n in enumerate(self.graph.nodes)}
-        for n in sorted(nodes, key=lambda n: -order[n]):
+        for n in sorted(nodes - asserts, key=lambda n: -order[n]):  # an assert may itself be in ``nodes``
             if not n.users:
                 self.graph.erase_node(n)
 
@@ -150,6 +150,20 @@ def _splice_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: Tok
                                             *_weights(site.out)), out)
         back = sp.call(restore, (plan, y), out)
     out.replace_all_uses_with(back)
+    sp.erase(site.internal | {out})
+
+
+def _splice_kv_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: TokenMethod, config: PruneConfig
+                         ) -> None:
+    """Rewrite form "kv": all N queries attend to keys/values projected from ``method.reduce`` of the attention
+    input (B, M, C); the output keeps N tokens, so nothing is restored."""
+    reduce = _named(lambda p, x: method.reduce(config, p, x), f"graphprune_{method.name}_reduce")
+    out = site.out.linear
+    with sp.graph.inserting_before(out):
+        xkv = sp.call(reduce, (plan, site.x), out)
+        y = sp.call(_attention_call(site), (site.x, xkv, *_weights(site.q), *_weights(site.k), *_weights(site.v),
+                                            *_weights(site.out)), out)
+    out.replace_all_uses_with(y)
     sp.erase(site.internal | {out})
 
 
@@ -218,11 +232,20 @@ def _splice_feedforward(sp: _Splicer, span: tuple[Node, Node, list[Node]], plan:
     sp.erase(set(body))
 
 
-def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> RewriteResult:
-    """Match every attention in ``gm`` and rewrite the ones ``config`` selects. Mutates and recompiles ``gm``."""
+def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, context: dict[str, Node] | None = None,
+                finest_tokens: int | None = None, warn_unpruned: bool = True) -> RewriteResult:
+    """Match every attention in ``gm`` and rewrite the ones ``config`` selects. Mutates and recompiles ``gm``.
+
+    context: graph nodes the method's plan reads besides the metric (``method.context_inputs`` names them, e.g. the
+        previous noise predictions that DaTo's dynamics come from); the step-aware runtime provides them.
+    finest_tokens: N of the finest attention grid of the *whole* model, when ``gm`` is a slice of it (a shallow
+        step's graph), so that levels count from the same grid in every variant.
+    """
     graph = gm.graph
     sites, unmatched = find_attention_sites(graph)
-    levels = downsample_levels(sites)
+    levels = downsample_levels(sites, finest_tokens)
+    context = context or {}
+    missing = [name for name in method.context_inputs if name not in context]
     report = GraphReport(config=config_to_dict(config))
     result = RewriteResult(report=report)
     reports: dict[int, SiteReport] = {}
@@ -248,8 +271,11 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
         if config.ratio == 0:
             rep.reason = "ratio=0: unchanged"
             continue
+        if missing:
+            rep.status, rep.reason = "skipped", f"{method.name} needs {missing} (state of the step-aware runtime)"
+            continue
         mshape = tensor_shape(site.metric)
-        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1])
+        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1], level=levels[i])
         try:
             rep.K = method.budget(config, geo)
         except SiteSkip as exc:
@@ -265,10 +291,17 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
         plan_fn = _named(lambda m, *r, _geo=geo: method.plan(config, _geo, m, *r), f"graphprune_{method.name}_plan")
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((site.q.linear, site.k.linear, site.v.linear), key=order.__getitem__)
+        state = [context[name] for name in method.context_inputs]
         with graph.inserting_before(first):  # dominates this layer's attention, cross-attention and FF
-            plan = sp.call(plan_fn, (site.metric, *rand_nodes), site.x)
+            plan = sp.call(plan_fn, (site.metric, *state, *rand_nodes), site.x)
+        if method.form == "kv":  # queries stay: only keys/values shrink; no cross/ff scope (the config checks)
+            _splice_kv_attention(sp, site, plan, method, config)
+            rep.status, rep.reason = "pruned", f"keys/values {site.N} -> {rep.K} tokens (all {site.N} queries kept)"
+            result.changed = True
+            continue
         _splice_attention(sp, site, plan, method, config)
-        rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens (similarity on {site.metric_source})"
+        rep.status, rep.reason = "pruned", f"{site.N} -> {rep.K} tokens " + (
+            f"(similarity on {site.metric_source})" if method.uses_metric else "(no similarity metric)")
         if "cross" in config.scope:
             for j in by_block.get((site.block_path, "cross"), []):
                 cross = sites[j]
@@ -303,7 +336,7 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod) -> Re
         gm.recompile()
     log.info("%s", report.summary())
     n_self = sum(1 for s in sites if s.kind == "self")
-    if config.ratio > 0 and not result.changed:
+    if config.ratio > 0 and not result.changed and warn_unpruned:
         reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?")})
         log.warning("graphprune: nothing pruned in this graph (%d self-attention site(s), %d unmatched)%s",
                     n_self, len(unmatched), ": " + "; ".join(reasons[:3]) if reasons else

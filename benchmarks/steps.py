@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""Whole denoising loops: step caching (deepcache, dato) vs Inductor, sito and the DeepCache package, one process.
+
+    python benchmarks/steps.py --quick                                  # tiny UNet, latent 16, 10 steps (smoke)
+    python benchmarks/steps.py --latent 32 --out results/steps_cpu32.json --plot results/steps_cpu32.png
+    python benchmarks/steps.py --latent 64 --variants inductor,deepcache3,dato-coco
+
+A seeded 50-step DDIM loop (diffusers' DDIMScheduler, SD1.5's scheduler settings) with classifier-free guidance
+(batch 2: [uncond; cond] random text embeddings, guidance 7.5) on a built-in architecture with random weights.
+Every variant starts from the same initial latent (scikit-image photo latents noised to the first timestep) and
+runs one warm-up generation (which compiles every graph it needs), then ``--runs`` timed generations (median).
+Reported per variant: seconds per generation, speedup vs the Inductor baseline, relative error of the final latent
+vs the baseline's final latent, the step kinds of a generation, the compiled variants, and the FLOP bound: the
+unpruned FLOPs of all steps over the FLOPs this variant runs (full / shallow graphs counted with FlopCounterMode
+on the rewritten graphs run eagerly; reuse steps cost nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import (cpu_model, flop_counter, git_commit, git_dirty, rel_error, sync, unet_out)  # noqa: E402
+
+log = logging.getLogger("steps")
+
+#: key -> (display name, kind, options)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
+    "eager": ("eager", "eager", None),
+    "inductor": ("inductor (baseline)", "inductor", None),
+    "deepcache3": ("graphprune deepcache N=3", "graphprune", {"method": "deepcache", "cache_interval": 3}),
+    "deepcache5": ("graphprune deepcache N=5", "graphprune", {"method": "deepcache", "cache_interval": 5}),
+    "dato3": ("graphprune dato r=0.4 N=3", "graphprune", {"method": "dato", "cache_interval": 3}),
+    "dato-imagenet": ("graphprune dato r=0.4 S_A", "graphprune", {"method": "dato", "schedule": "dato-imagenet"}),
+    "dato-coco": ("graphprune dato r=0.4 S_B", "graphprune", {"method": "dato", "schedule": "dato-coco"}),
+    "sito0.5": ("graphprune sito r=0.5", "graphprune", {"method": "sito", "ratio": 0.5}),
+    # the rewritten graphs without Inductor (compiler="eager"): what step caching saves, without compile time
+    "deepcache3-fx": ("graphprune deepcache N=3 (fx)", "graphprune", {"method": "deepcache", "cache_interval": 3,
+                                                                      "compiler": "eager"}),
+    "dato-imagenet-fx": ("graphprune dato S_A (fx)", "graphprune", {"method": "dato", "schedule": "dato-imagenet",
+                                                                    "compiler": "eager"}),
+    "dato-coco-fx": ("graphprune dato S_B (fx)", "graphprune", {"method": "dato", "schedule": "dato-coco",
+                                                                "compiler": "eager"}),
+    "sito0.5-fx": ("graphprune sito r=0.5 (fx)", "graphprune", {"method": "sito", "ratio": 0.5, "compiler": "eager"}),
+    "DeepCache3": ("DeepCache pkg N=3 (eager)", "peer", {"cache_interval": 3}),
+    "DeepCache3+inductor": ("DeepCache pkg N=3 + inductor", "peer-inductor", {"cache_interval": 3}),
+}
+DEFAULT = "inductor,deepcache3,deepcache5,dato-imagenet,dato-coco,sito0.5,eager,DeepCache3"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default="sd15", help="built-in architecture: sd15, sd2, sdxl, tiny (default sd15)")
+    p.add_argument("--latent", type=int, default=32, help="latent height and width (default 32)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; the DaTo presets need 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--runs", type=int, default=1, help="timed generations per variant after the warm-up one")
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a speedup-vs-error plot (PNG) here")
+    p.add_argument("--quick", action="store_true", help="tiny UNet, latent 16, 10 steps, few variants (smoke)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.arch, opts.latent, opts.steps = "tiny", 16, 10
+        if opts.variants == DEFAULT:
+            opts.variants = "inductor,deepcache3,dato3,DeepCache3"
+    opts.variant_list = [v.strip() for v in opts.variants.split(",") if v.strip()]
+    bad = [v for v in opts.variant_list if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    if opts.steps != 50 and any(v.startswith("dato-") for v in opts.variant_list):
+        p.error("the DaTo presets (dato-imagenet, dato-coco) are defined for 50 steps; use --steps 50 or dato3")
+    return opts
+
+
+def make_scheduler(steps: int) -> Any:
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def initial_latents(unet: Any, latent: int, sched: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(latent (1, c, h, w), text context (2, 77, d) = [uncond; cond], added kwargs): photo latents noised to t0."""
+    import torch
+
+    from graphprune.archs import example_inputs
+
+    (photo, _, ctx), kwargs = example_inputs(unet, latent, batch=2, seed=0, structured=True)
+    noise = torch.randn(photo[:1].shape, generator=torch.Generator().manual_seed(1)).to(photo)
+    start = sched.add_noise(photo[:1], noise, sched.timesteps[:1])
+    return start, ctx, kwargs
+
+
+def generate(fn: Callable[..., Any], start: Any, ctx: Any, kwargs: dict[str, Any], sched: Any, guidance: float,
+             device: Any, on_step: Callable[[int, float], None] | None = None) -> Any:
+    """One CFG DDIM generation; returns the final latent. ``on_step(i, seconds)`` gets each UNet call's time."""
+    import torch
+
+    latents = start.clone()
+    for i, t in enumerate(sched.timesteps):
+        x = torch.cat([latents] * 2)
+        sync(device)
+        t0 = time.perf_counter()
+        eps = unet_out(fn(x, t, ctx, **kwargs))
+        sync(device)
+        if on_step is not None:
+            on_step(i, time.perf_counter() - t0)
+        uncond, cond = eps.chunk(2)
+        latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    return latents
+
+
+def make_callable(key: str, unet: Any, sched: Any) -> tuple[Callable[..., Any], Any]:
+    """The UNet callable of a variant and the object that knows its step kinds (runtime or helper) or None."""
+    import torch
+
+    _, kind, options = VARIANTS[key]
+    if kind == "eager":
+        return unet, None
+    if kind == "inductor":
+        return torch.compile(unet), None
+    if kind == "graphprune":
+        stateful = options["method"] in ("deepcache", "dato")
+        return torch.compile(unet, backend="graphprune", options=dict(options)), "runtime" if stateful else None
+    from types import SimpleNamespace
+
+    from DeepCache import DeepCacheSDHelper
+
+    peer = copy.deepcopy(unet)
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=peer, scheduler=sched))
+    helper.set_params(cache_interval=options["cache_interval"], cache_branch_id=0)
+    helper.enable()
+    fn = torch.compile(peer) if kind == "peer-inductor" else peer
+    return fn, helper
+
+
+def kinds_of(fn: Any, tracker: Any, steps: int) -> list[str]:
+    import graphprune
+
+    if tracker == "runtime":
+        found = graphprune.runtimes(fn)
+        return list(found[-1].previous_kinds or found[-1].kinds) if found else []
+    if tracker is not None:  # the DeepCache helper: uniform interval
+        n = tracker.params["cache_interval"]
+        return ["full" if i % n == 0 else "shallow" for i in range(steps)]
+    return ["full"] * steps
+
+
+def flops_per_kind(unet: Any, options: dict[str, Any] | None, start: Any, ctx: Any, kwargs: dict[str, Any],
+                   sched: Any) -> dict[str, float]:
+    """FLOPs of one UNet call per step kind: the rewritten graphs run eagerly under FlopCounterMode."""
+    import torch
+
+    import graphprune
+
+    counts: dict[str, float] = {}
+    if options is None:
+        with flop_counter() as fc:
+            unet(torch.cat([start] * 2), sched.timesteps[0], ctx, **kwargs)
+        return {"full": float(fc.get_total_flops())}
+    from graphprune.backend import graphprune_backend
+
+    def counting(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:  # runs inside the compiled frame: the eager FX graph's aten ops are counted
+            with flop_counter() as fc:
+                out = fn(*args)
+            counts.setdefault(kind, float(fc.get_total_flops()))
+            return out
+        return run
+
+    made: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        fn = graphprune_backend(gm, example_inputs, options={**options, "compiler": "eager"})
+        made.append(fn)
+        return fn if isinstance(fn, graphprune.StepRuntime) else counting("full", fn)
+
+    torch._dynamo.reset()
+    fast = torch.compile(unet, backend=backend)
+    x = torch.cat([start] * 2)
+    wrapped: set[int] = set()
+    for t in sched.timesteps:
+        for rt in made:
+            for variant in getattr(rt, "variants", {}).values():
+                if id(variant) not in wrapped:
+                    variant.fn = counting(variant.kind, variant.fn)
+                    wrapped.add(id(variant))
+        fast(x, t, ctx, **kwargs)
+        stateful = any(isinstance(m, graphprune.StepRuntime) for m in made)
+        if "full" in counts and (not stateful or "shallow" in counts):
+            break
+    torch._dynamo.reset()
+    return counts
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import torch
+    from tqdm import tqdm
+
+    import graphprune
+    from graphprune.archs import build_unet, unet_config
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = build_unet(opts.arch, dtype=dtype).to(device)
+    sched = make_scheduler(opts.steps)
+    start, ctx, kwargs = initial_latents(unet, opts.latent, sched)
+    header = {"torch": torch.__version__, "diffusers": diffusers.__version__, "graphprune": graphprune.__version__,
+              "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              "cpu": cpu_model(), "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
+              "arch": opts.arch, "latent": opts.latent, "batch": 2, "steps": opts.steps, "guidance": opts.guidance,
+              "scheduler": "DDIM", "runs": opts.runs, "git_commit": git_commit(), "uncommitted": git_dirty(),
+              "config_blocks": unet_config(opts.arch).get("block_out_channels"),
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "loadavg_start": os.getloadavg()}
+    log.info("%s", json.dumps(header))
+    results: dict[str, Any] = {"header": header, "variants": {}}
+    flops_base = None
+    baseline_final = None
+    for key in tqdm(opts.variant_list, desc="variants"):
+        name, kind, options = VARIANTS[key]
+        torch._dynamo.reset()
+        fn, tracker = make_callable(key, unet, sched)
+        step_times: list[list[float]] = []
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            generate(fn, start, ctx, kwargs, sched, opts.guidance, device)  # warm-up: compiles every variant
+            warm = time.perf_counter() - t0
+            gens, finals = [], []
+            for _ in range(opts.runs):
+                per_step: list[float] = []
+                t0 = time.perf_counter()
+                finals.append(generate(fn, start, ctx, kwargs, sched, opts.guidance, device,
+                                       on_step=lambda i, s: per_step.append(s)))
+                gens.append(time.perf_counter() - t0)
+                step_times.append(per_step)
+        kinds = kinds_of(fn, tracker, opts.steps)
+        if tracker is not None and tracker != "runtime":
+            tracker.disable()
+        variants = []
+        if tracker == "runtime":
+            rts = graphprune.runtimes(fn)
+            variants = [v["kind"] for v in rts[-1].describe()["variants"]] if rts else ["full"]
+        final = finals[-1]
+        if key == "inductor":
+            baseline_final = final
+        with torch.no_grad():
+            if flops_base is None:
+                flops_base = flops_per_kind(unet, None, start, ctx, kwargs, sched)["full"]
+            fl = flops_per_kind(unet, options if kind == "graphprune" else
+                                ({"method": "deepcache", **options} if kind.startswith("peer") else None),
+                                start, ctx, kwargs, sched)
+        run_flops = sum(fl.get(k, 0.0) for k in kinds if k != "reuse")
+        by_kind = {}
+        for k in ("full", "shallow", "reuse"):
+            times = [s for per in step_times for s, kk in zip(per, kinds) if kk == k]
+            if times:
+                by_kind[k] = {"count": kinds.count(k), "median_s": statistics.median(times)}
+        results["variants"][key] = {
+            "name": name, "seconds": statistics.median(gens), "all_seconds": gens, "warmup_seconds": warm,
+            "kinds": {k: kinds.count(k) for k in ("full", "shallow", "reuse")}, "per_kind": by_kind,
+            "compiled_variants": variants, "flops_per_kind": fl,
+            "flop_bound": flops_base * opts.steps / run_flops if run_flops else None, "final": final,
+        }
+        log.info("%s: %.2f s/generation", name, statistics.median(gens))
+    header["loadavg_end"] = os.getloadavg()  # other processes on the machine skew every time
+    base = results["variants"].get("inductor", {}).get("seconds")
+    eager = results["variants"].get("eager", {}).get("seconds")
+    for key, r in results["variants"].items():
+        r["speedup"] = base / r["seconds"] if base else None
+        r["vs_eager"] = eager / r["seconds"] if eager else None
+        r["error"] = rel_error(r.pop("final"), baseline_final) if baseline_final is not None else None
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| variant | s / generation | vs Inductor | vs eager | FLOP bound | final-latent rel. err | "
+            "full / shallow / reuse | compiled graphs |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["variants"].values():
+        k = r["kinds"]
+        ve = f"{r['vs_eager']:.2f}x" if r.get("vs_eager") else "-"
+        rows.append(f"| {r['name']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {ve} | "
+                    f"{r['flop_bound']:.2f}x | {r['error']:.3g} | {k['full']} / {k['shallow']} / {k['reuse']} | "
+                    f"{', '.join(r['compiled_variants']) or '-'} |" if r["speedup"] and r["error"] is not None
+                    else f"| {r['name']} | {r['seconds']:.2f} | - | - | - | - | - | - |")
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results["variants"].values():
+        if r.get("speedup") is None or r.get("error") is None:
+            continue
+        ax.scatter(max(r["error"], 1e-7), r["speedup"], s=40)
+        ax.annotate(r["name"], (max(r["error"], 1e-7), r["speedup"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    h = results["header"]
+    ax.set_xscale("log")
+    ax.set_xlabel("relative error of the final latent vs Inductor baseline")
+    ax.set_ylabel("speedup vs Inductor (s / generation)")
+    ax.set_title(f"{h['arch']} {h['latent']}x{h['latent']}, {h['steps']} DDIM steps, CFG, {h['device']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("graphprune").setLevel(logging.WARNING)
+    results = run(opts)
+    print(table(results))
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(results, indent=1, default=str))
+    if opts.plot:
+        plot(results, opts.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
