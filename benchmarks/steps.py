@@ -148,11 +148,12 @@ def make_callable(key: str, unet: Any, sched: Any) -> tuple[Callable[..., Any], 
     return fn, helper
 
 
-def kinds_of(fn: Any, tracker: Any, steps: int) -> list[str]:
+def kinds_of(fn: Any, tracker: Any, steps: int, before: set[int]) -> list[str]:
+    """The step kinds of the last generation (``before``: ids of the runtimes that existed before this variant)."""
     import graphprune
 
     if tracker == "runtime":
-        found = graphprune.runtimes(fn)
+        found = [r for r in graphprune.runtimes(fn) if id(r) not in before]
         return list(found[-1].previous_kinds or found[-1].kinds) if found else []
     if tracker is not None:  # the DeepCache helper: uniform interval
         n = tracker.params["cache_interval"]
@@ -237,6 +238,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     for key in tqdm(opts.variant_list, desc="variants"):
         name, kind, options = VARIANTS[key]
         torch._dynamo.reset()
+        before = {id(r) for r in graphprune.runtimes()}
+        if kind == "graphprune" and options.get("schedule", "").startswith("dato-"):
+            options = {**options, "num_steps": opts.steps}  # the presets' one-call-per-step (DDIM) form
+            VARIANTS[key] = (name, kind, options)
         fn, tracker = make_callable(key, unet, sched)
         step_times: list[list[float]] = []
         with torch.no_grad():
@@ -251,12 +256,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                                        on_step=lambda i, s: per_step.append(s)))
                 gens.append(time.perf_counter() - t0)
                 step_times.append(per_step)
-        kinds = kinds_of(fn, tracker, opts.steps)
+        kinds = kinds_of(fn, tracker, opts.steps, before)
         if tracker is not None and tracker != "runtime":
             tracker.disable()
         variants = []
         if tracker == "runtime":
-            rts = graphprune.runtimes(fn)
+            rts = [r for r in graphprune.runtimes(fn) if id(r) not in before]
             variants = [v["kind"] for v in rts[-1].describe()["variants"]] if rts else ["full"]
         final = finals[-1]
         if key == "inductor" or (key == "eager" and "inductor" not in opts.variant_list):
