@@ -388,7 +388,7 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
                       f"{spec.strength}), CFG {spec.guidance}, batch 2, {opts.images} photo latent(s) "
                       f"{list(start.x0.shape[1:])} noised to t0, seed {spec.seed}")
     header["scheduler"] = SD_SCHEDULER
-    print(format_header(header), flush=True)
+    log.info("%s", format_header(header))
 
     variants = variants_for(methods, opts.ratios, opts.tomesd)
     if type(model).__name__ != "UNet2DConditionModel":
@@ -530,7 +530,6 @@ def finish(result: dict[str, Any], opts: ParetoOptions) -> None:
     result["front"] = ([f"unpruned ({result['header'].get('speed_compiler', 'inductor')})"] if front[0] else []) + [p["label"] for p in pts if p["front"]]
     result["at_ratio_0.5"] = at_ratio(result, 0.5)
     result["table"] = table(result)
-    print("\n" + result["table"], flush=True)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "pareto.txt").write_text(result["table"] + "\n")
@@ -822,7 +821,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments; a bad option prints the reason and returns 2."""
     opts = options_from_args(args)
     if args.replot:
-        replot(args.replot, opts)
+        print("\n" + replot(args.replot, opts)["table"], flush=True)
         return 0
     try:
         check(opts)
@@ -830,6 +829,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = run(opts)
+    print("\n" + result["table"], flush=True)  # the command's output; the library functions only log
     failed = [p["label"] for p in result["points"] if "Traceback" in p.get("error", "")]
     if failed:
         log.error("failed points: %s", failed)

@@ -155,7 +155,7 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
     header["pipeline"] = type(pipe).__name__
     header["loop"] = (f"{type(pipe).__name__}: {len(prompts)} prompt(s), {opts.steps} steps "
                       f"({type(pipe.scheduler).__name__}), CFG {opts.guidance}, seeds {opts.seed}..")
-    print(format_header(header), flush=True)
+    log.info("%s", format_header(header))
     out_dir = Path(opts.out)
     result: dict[str, Any] = {"header": header, "baseline": {}, "points": []}
 
@@ -213,7 +213,6 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
         write_json(result, opts)
     result["fidelity_note"] = fid_note or "FID/CLIP computed with torch-fidelity (pruned vs unpruned image sets)"
     finish(result, opts)
-    print(result["fidelity_note"] if fid_note else "", flush=True)
     if fid_note:
         log.warning("%s", fid_note)
     return result
