@@ -225,21 +225,19 @@ def time_model(fn: Callable[..., Any], template: tuple[tuple[Any, ...], dict[str
     device = sample.device
     steps = timestep_schedule(1 + opts.warmup + opts.runs * (1 + opts.retries))
 
-    def call(t: int) -> float:
+    def timed(model_fn: Callable[..., Any], t: int) -> float:
         args, kwargs = with_sample_and_timestep(template, sample, t)
         sync(device)
         start = time.perf_counter()
-        fn(*args, **kwargs)
+        model_fn(*args, **kwargs)
         sync(device)
         return time.perf_counter() - start
 
+    def call(t: int) -> float:
+        return timed(fn, t)
+
     def call_base(t: int) -> float:
-        args, kwargs = with_sample_and_timestep(template, sample, t)
-        sync(device)
-        start = time.perf_counter()
-        baseline(*args, **kwargs)
-        sync(device)
-        return time.perf_counter() - start
+        return timed(baseline, t)
 
     res: dict[str, Any] = {}
     bar = tqdm(total=1 + opts.warmup + opts.runs, desc=f"speed {desc}", leave=False, unit="call")
