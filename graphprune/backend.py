@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import methods  # noqa: F401  (registers the methods)
-from .config import CachingConfig, PruneConfig, parse_options, with_overrides
+from .config import CachingConfig, CaToMeConfig, PruneConfig, parse_options, with_overrides
 from .inner import RandomFeed, compile_inner
 from .methods.base import method_for
 from .passes.cut import copy_graph_module
@@ -61,6 +61,15 @@ def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any 
         runtime = StepRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
                               register=register_runtime)
         return runtime
+    if isinstance(config, CaToMeConfig):
+        if config.threshold < 1:  # T >= 1 merges nothing (the official code returns identity): plain compile below
+            from .match_cache import MatchCacheRuntime
+
+            return MatchCacheRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
+                                     register=register_runtime)
+        log.info("graphprune[catome]: threshold %g >= 1 merges nothing; compiling the graph unchanged",
+                 config.threshold)
+        config = with_overrides(config, ratio=0.0)
     if config.ratio > 0:
         gm = copy_graph_module(gm)
     result = rewrite(gm, config, reports)

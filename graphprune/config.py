@@ -33,7 +33,6 @@ def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
 
 #: Methods on the roadmap: naming one raises NotImplementedError (listed in the README).
 PLANNED_METHODS = {
-    "catome": "CA-ToMe (threshold merging with a cache of matches)",
     "atedm": "AT-EDM (attention-ranked pruning with per-step budgets)",
 }
 
@@ -359,6 +358,88 @@ class DaToConfig(CachingConfig):
             raise ValueError(f"recover must be 'kept' (official code) or 'base', got {self.recover!r}")
 
 
+THRESHOLD_RULES = ("batch-max", "per-row")
+BUCKET_SCOPES = ("level", "site")
+
+
+@register_config
+@dataclass(frozen=True)
+class CaToMeConfig(PruneConfig):
+    """CA-ToMe: tomesd's bipartite matching where a cosine threshold decides how many tokens merge, and the match is
+    recomputed only at *refresh* steps and reused in between (official code semantics, research/catome.md).
+
+    Important args:
+        threshold: cosine-similarity threshold T (official default 0.7). ``T >= 1`` merges nothing (the UNet runs
+            unchanged); ``T = -1`` merges every source token (tomesd at ratio 0.75).
+        refresh: the steps at which the match is recomputed (step 0 of every generation always is). A named preset
+            of the official configs (``"config1"`` .. ``"config4"``, ``"adaptive"``, ``"every5"``; their 1-based
+            step numbers translated to 0-based UNet calls, see :mod:`graphprune.refresh`), an int n (every n-th
+            call: 0, n, 2n, ...), or an explicit list of 0-based call indices.
+        exact: ``True`` (default): the merge count follows T exactly. The host reads the count at refresh steps (as
+            the official code does) and runs the graph compiled for the largest budget bucket below it; merges
+            above the bucket are applied inside the graph by masking. ``False``: one graph with a fixed count per
+            site (``fixed_ratio``, or calibrated from T on the first call), no host reads at all (for TensorRT and
+            CUDA graphs).
+
+    Args to tinker with:
+        ratio: an upper bound on the merged fraction of each site (default: the cap ``1 - 1/(sx*sy)``, i.e. only T
+            limits it, as in the official code).
+        threshold_rule: ``"batch-max"`` (official code: one count r = max over the batch of #{best-match >= T},
+            every row merges its top r) or ``"per-row"`` (each row merges exactly its pairs >= T: the paper's words).
+        buckets: the budget buckets, as merged fractions of N (0 is always added); each compiled variant fixes one
+            bucket per group of sites.
+        bucket_scope: ``"level"`` (one bucket per resolution level: the smallest its sites allow; fewer variants)
+            or ``"site"`` (one per site).
+        max_variants: the most compiled graphs the runtime may hold; beyond it the best compiled variant that is
+            still exact is reused.
+        fixed_ratio: ``exact=False`` only: the merged fraction of every site (None: calibrate from T).
+        use_rand, seed: random destination per 2x2 cell (drawn at refresh steps from graphprune's own generator,
+            shared by the batch; off for odd batches, as tomesd).
+    """
+
+    method: ClassVar[str] = "catome"
+    ratio: float | None = None  # type: ignore[assignment]  (None: the cap, only the threshold limits merging)
+    threshold: float = 0.7
+    refresh: Any = "config3"
+    exact: bool = True
+    threshold_rule: str = "batch-max"
+    buckets: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75)
+    bucket_scope: str = "level"
+    max_variants: int = 8
+    fixed_ratio: float | None = None
+    use_rand: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ratio is None:
+            object.__setattr__(self, "ratio", self.max_ratio())
+        super().__post_init__()
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < -1:
+            raise ValueError(f"catome: threshold must be a cosine similarity >= -1 (T >= 1 merges nothing), got "
+                             f"{self.threshold!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"catome: threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
+        if self.bucket_scope not in BUCKET_SCOPES:
+            raise ValueError(f"catome: bucket_scope must be one of {BUCKET_SCOPES}, got {self.bucket_scope!r}")
+        buckets = self.buckets if isinstance(self.buckets, (list, tuple)) else (self.buckets,)
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in buckets):
+            raise ValueError(f"catome: buckets are merged fractions in [0, 1), got {self.buckets!r}")
+        object.__setattr__(self, "buckets", tuple(sorted({0.0, *map(float, buckets)})))
+        if isinstance(self.max_variants, bool) or not isinstance(self.max_variants, int) or self.max_variants < 2:
+            raise ValueError(f"catome: max_variants must be an integer >= 2, got {self.max_variants!r}")
+        if self.fixed_ratio is not None:
+            if self.exact:
+                raise ValueError("catome: fixed_ratio is the merge fraction of exact=False; pass exact=False too")
+            if not 0 < self.fixed_ratio <= self.max_ratio():
+                raise ValueError(f"catome: fixed_ratio must be in (0, {self.max_ratio():.4f}], got {self.fixed_ratio}")
+        if isinstance(self.refresh, list):
+            object.__setattr__(self, "refresh", tuple(self.refresh))
+        from .refresh import build_refresh  # validates the refresh steps
+
+        build_refresh(self.refresh)
+
+
 def config_fields(cls: type[PruneConfig]) -> tuple[str, ...]:
     """The option keys a config class accepts (besides ``method``)."""
     return tuple(f.name for f in dataclasses.fields(cls))
@@ -391,8 +472,9 @@ def config_to_dict(config: PruneConfig) -> dict[str, Any]:
     """A JSON-ready dict: ``{"_type": method, "_version": n, "_data": {...}}``."""
     data = dataclasses.asdict(config)
     data["scope"] = list(config.scope)
-    if isinstance(data.get("schedule"), tuple):
-        data["schedule"] = list(data["schedule"])
+    for key in ("schedule", "refresh", "buckets"):
+        if isinstance(data.get(key), tuple):
+            data[key] = list(data[key])
     return {"_type": config.method, "_version": CONFIG_VERSION, "_data": data}
 
 
@@ -412,6 +494,6 @@ def with_overrides(config: PruneConfig, **changes: Any) -> PruneConfig:
 
 __all__ = [
     "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig",
-    "DaToConfig", "parse_options", "config_to_dict", "config_from_dict",
+    "DaToConfig", "CaToMeConfig", "parse_options", "config_to_dict", "config_from_dict",
     "method_names", "register_config", "with_overrides",
 ]

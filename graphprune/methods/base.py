@@ -33,6 +33,8 @@ class SiteGeometry:
     H: int
     W: int
     level: int = 1
+    #: the compiled variant's static count of always-merged tokens (CA-ToMe's budget bucket); 0 for other methods
+    bucket: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ class RandomSpec:
     shape: tuple[int, ...]
     kind: str
     high: int = 0
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A tensor a stateful plan carries from one step to the next (a graph output, then a later graph's input)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 class SiteSkip(Exception):
@@ -65,6 +75,11 @@ class TokenMethod(Generic[ConfigT]):
     #: names of cross-step state tensors :meth:`plan` takes after the metric (before the random inputs), provided
     #: by the step-aware runtime as graph inputs (e.g. DaTo: the two previous noise predictions (B, c, h, w))
     context_inputs: tuple[str, ...] = ()
+    #: whether the plan is carried across steps (CA-ToMe): a *refresh* graph outputs :meth:`state_of` its plan, a
+    #: *cached* graph rebuilds the plan with :meth:`plan_from_state` from those tensors as inputs
+    stateful: bool = False
+    #: whether some of the K tokens must be hidden as self-attention keys (:meth:`key_bias`)
+    masks_keys: bool = False
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
         """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
@@ -78,6 +93,26 @@ class TokenMethod(Generic[ConfigT]):
     def plan(self, config: ConfigT, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:
         """metric: (B, N, C'), then the ``context_inputs`` tensors, then the random inputs -> a tuple of tensors
         with static shapes (index maps)."""
+        raise NotImplementedError
+
+    def state_specs(self, config: ConfigT, geo: SiteGeometry) -> tuple[StateSpec, ...]:
+        """Stateful methods: the tensors :meth:`state_of` returns for one site."""
+        return ()
+
+    def state_of(self, config: ConfigT, geo: SiteGeometry, plan: Plan) -> tuple[torch.Tensor, ...]:
+        """Stateful methods: the tensors that rebuild ``plan`` at a later step (shapes of :meth:`state_specs`)."""
+        raise NotImplementedError
+
+    def plan_from_state(self, config: ConfigT, geo: SiteGeometry, *state: torch.Tensor) -> Plan:
+        """Stateful methods: the plan rebuilt from :meth:`state_of` tensors (no metric, no random inputs)."""
+        raise NotImplementedError
+
+    def uses_key_bias(self, config: ConfigT) -> bool:
+        """Whether the graphs of this config hide keys (only asked when ``masks_keys``)."""
+        return self.masks_keys
+
+    def key_bias(self, config: ConfigT, plan: Plan) -> torch.Tensor:
+        """Methods with ``masks_keys``: an additive bias (B, 1, 1, K), 0 for live keys and -inf for hidden ones."""
         raise NotImplementedError
 
     def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ token-wise). K is a Python int fixed at trace time. New nodes carry fake-tensor 
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from ..config import PruneConfig, config_to_dict
-from ..methods.base import RandomSpec, SiteGeometry, SiteSkip, TokenMethod
+from ..methods.base import RandomSpec, SiteGeometry, SiteSkip, StateSpec, TokenMethod
 from ..report import GraphReport, SiteReport
 from .match import AttentionSite, Projection, downsample_levels, find_attention_sites, module_path
 from .ops import assert_users, dropout_is_identity, node_val, op_kind, real_users, tensor_shape
@@ -37,11 +38,11 @@ log = logging.getLogger(__name__)
 def canonical_attention(xq: torch.Tensor, xkv: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None,
                         wk: torch.Tensor, bk: torch.Tensor | None, wv: torch.Tensor, bv: torch.Tensor | None,
                         wo: torch.Tensor, bo: torch.Tensor | None, *, cols: tuple[tuple[int, int], ...], heads: int,
-                        head_dim: int, scale: float) -> torch.Tensor:
+                        head_dim: int, scale: float, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention with out projection. xq: (B, Lq, C), xkv: (B, Lk, Ckv) -> (B, Lq, Cout).
 
     ``cols`` holds (start, width) of the q, k, v rows of their weight (a fused qkv linear passes the same weight
-    three times with different starts).
+    three times with different starts). ``key_bias`` (B, 1, 1, Lk): added to the logits (-inf hides a key).
     """
 
     def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, start: int, width: int) -> torch.Tensor:
@@ -55,7 +56,8 @@ def canonical_attention(xq: torch.Tensor, xkv: torch.Tensor, wq: torch.Tensor, b
     q = project(xq, wq, bq, *cols[0]).view(B, Lq, heads, head_dim).transpose(1, 2)
     k = project(xkv, wk, bk, *cols[1]).view(B, Lk, heads, head_dim).transpose(1, 2)
     v = project(xkv, wv, bv, *cols[2]).view(B, Lk, heads, head_dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    mask = key_bias.to(q.dtype) if key_bias is not None else None
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return F.linear(o.transpose(1, 2).reshape(B, Lq, heads * head_dim), wo, bo)
 
 
@@ -66,6 +68,10 @@ class RewriteResult:
     report: GraphReport
     random_inputs: list[tuple[RandomSpec, torch.device]] = field(default_factory=list)
     changed: bool = False
+    #: stateful methods: (module path, state specs) of every planned site, in the order of their state tensors
+    #: (graph outputs after the original ones in "produce"/"select" mode; ``graphprune_state_<i>_<j>`` inputs in
+    #: "consume"/"select" mode)
+    state_sites: list[tuple[str, tuple[StateSpec, ...]]] = field(default_factory=list)
 
 
 def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -102,12 +108,13 @@ class _Splicer:
         self.annotate(node)
         return node
 
-    def placeholder(self, name: str, spec: RandomSpec, device: torch.device) -> Node:
+    def placeholder(self, name: str, spec: RandomSpec | StateSpec, device: torch.device) -> Node:
         last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
         with self.graph.inserting_after(last):
             node = self.graph.placeholder(name)
         if self.fake_mode is not None:
-            dtype = torch.float32 if spec.kind == "normal" else torch.int64
+            dtype = spec.dtype if isinstance(spec, StateSpec) else torch.float32 if spec.kind == "normal" \
+                else torch.int64
             with self.fake_mode:
                 node.meta[self.val_key] = torch.empty(spec.shape, dtype=dtype, device=device)
         return node
@@ -130,9 +137,9 @@ def _weights(p: Projection) -> tuple[Node, Node | None]:
 def _attention_call(site: AttentionSite) -> Callable[..., torch.Tensor]:
     cols = ((site.q.start, site.q.width), (site.k.start, site.k.width), (site.v.start, site.v.width))
 
-    def attend(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo):
+    def attend(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None):
         return canonical_attention(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, cols=cols, heads=site.heads,
-                                   head_dim=site.head_dim, scale=site.scale)
+                                   head_dim=site.head_dim, scale=site.scale, key_bias=key_bias)
 
     return _named(attend, "graphprune_attention")
 
@@ -146,8 +153,12 @@ def _splice_attention(sp: _Splicer, site: AttentionSite, plan: Node, method: Tok
     with sp.graph.inserting_before(out):
         xk = sp.call(reduce, (plan, site.x), out)
         kv = xk if site.kind == "self" else site.context
+        bias = ()
+        if method.masks_keys and site.kind == "self" and method.uses_key_bias(config):  # some kept slots are not keys (CA-ToMe's optional merges)
+            bias = (sp.call(_named(lambda p: method.key_bias(config, p), f"graphprune_{method.name}_key_bias"),
+                            (plan,), out),)
         y = sp.call(_attention_call(site), (xk, kv, *_weights(site.q), *_weights(site.k), *_weights(site.v),
-                                            *_weights(site.out)), out)
+                                            *_weights(site.out), *bias), out)
         back = sp.call(restore, (plan, y), out)
     out.replace_all_uses_with(back)
     sp.erase(site.internal | {out})
@@ -232,15 +243,46 @@ def _splice_feedforward(sp: _Splicer, span: tuple[Node, Node, list[Node]], plan:
     sp.erase(set(body))
 
 
+def _plan_call(method: TokenMethod, config: PruneConfig, geo: SiteGeometry, state_mode: str | None
+               ) -> Callable[..., Any]:
+    """The plan function for one site: fresh (``plan``), rebuilt from state (``consume``), or ``select`` (a refresh
+    flag picks the fresh match's state or the carried one: one graph for both kinds of step)."""
+    name = f"graphprune_{method.name}_plan"
+    if state_mode == "consume":
+        return _named(lambda *state: method.plan_from_state(config, geo, *state), name)
+    if state_mode == "select":
+        n = len(method.state_specs(config, geo))
+
+        def select(flag, metric, *rest):
+            fresh = method.state_of(config, geo, method.plan(config, geo, metric, *rest[n:]))
+            chosen = [torch.where(flag, f, s) for f, s in zip(fresh, rest[:n])]
+            return method.plan_from_state(config, geo, *chosen)
+
+        return _named(select, name)
+    return _named(lambda m, *r: method.plan(config, geo, m, *r), name)
+
+
 def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, context: dict[str, Node] | None = None,
-                finest_tokens: int | None = None, warn_unpruned: bool = True) -> RewriteResult:
+                finest_tokens: int | None = None, warn_unpruned: bool = True, state_mode: str | None = None,
+                site_buckets: Mapping[str, int] | None = None) -> RewriteResult:
     """Match every attention in ``gm`` and rewrite the ones ``config`` selects. Mutates and recompiles ``gm``.
 
     context: graph nodes the method's plan reads besides the metric (``method.context_inputs`` names them, e.g. the
         previous noise predictions that DaTo's dynamics come from); the step-aware runtime provides them.
     finest_tokens: N of the finest attention grid of the *whole* model, when ``gm`` is a slice of it (a shallow
         step's graph), so that levels count from the same grid in every variant.
+    state_mode: for stateful methods (``method.stateful``): ``"produce"`` (plans are computed and their state
+        tensors become extra graph outputs), ``"consume"`` (plans are rebuilt from state inputs), ``"select"``
+        (both, chosen by a ``graphprune_refresh`` bool input); None computes plans and outputs nothing extra.
+    site_buckets: module path -> the static bucket of that site (``SiteGeometry.bucket``; CA-ToMe's r_lo).
     """
+    if state_mode not in (None, "produce", "consume", "select"):
+        raise ValueError(f"state_mode must be None, 'produce', 'consume' or 'select', got {state_mode!r}")
+    if state_mode is not None and not method.stateful:
+        raise ValueError(f"method {method.name!r} has no cross-step state (state_mode={state_mode!r})")
+    site_buckets = site_buckets or {}
+    state_outputs: list[Node] = []
+    refresh_flag: Node | None = None
     graph = gm.graph
     sites, unmatched = find_attention_sites(graph)
     levels = downsample_levels(sites, finest_tokens)
@@ -275,7 +317,8 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
             rep.status, rep.reason = "skipped", f"{method.name} needs {missing} (state of the step-aware runtime)"
             continue
         mshape = tensor_shape(site.metric)
-        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1], level=levels[i])
+        geo = SiteGeometry(B=site.B, N=site.N, C=mshape[-1], H=site.grid[0], W=site.grid[1], level=levels[i],
+                           bucket=site_buckets.get(site.module_path, 0))
         try:
             rep.K = method.budget(config, geo)
         except SiteSkip as exc:
@@ -283,17 +326,38 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
             log.info("graphprune: %s skipped: %s", site.module_path, exc)
             continue
         device = node_val(site.metric).device
+        state_nodes: list[Node] = []
+        if state_mode is not None:
+            specs = method.state_specs(config, geo)
+            if state_mode in ("consume", "select"):
+                n_site = len(result.state_sites)
+                state_nodes = [sp.placeholder(f"graphprune_state_{n_site}_{j}", spec, device)
+                               for j, spec in enumerate(specs)]
+            if state_mode == "select" and refresh_flag is None:
+                refresh_flag = sp.placeholder("graphprune_refresh", StateSpec((), torch.bool), device)
+            result.state_sites.append((site.module_path, specs))
         rand_nodes = []
-        for spec in method.random_inputs(config, geo):
+        for spec in (method.random_inputs(config, geo) if state_mode != "consume" else ()):
             rand_nodes.append(sp.placeholder(f"graphprune_random_{n_rand}", spec, device))
             result.random_inputs.append((spec, device))
             n_rand += 1
-        plan_fn = _named(lambda m, *r, _geo=geo: method.plan(config, _geo, m, *r), f"graphprune_{method.name}_plan")
+        plan_fn = _plan_call(method, config, geo, state_mode)
         order = {n: k for k, n in enumerate(graph.nodes)}
         first = min((site.q.linear, site.k.linear, site.v.linear), key=order.__getitem__)
         state = [context[name] for name in method.context_inputs]
+        if state_mode == "consume":
+            plan_args = tuple(state_nodes)
+        elif state_mode == "select":
+            plan_args = (refresh_flag, site.metric, *state_nodes, *rand_nodes)
+        else:
+            plan_args = (site.metric, *state, *rand_nodes)
         with graph.inserting_before(first):  # dominates this layer's attention, cross-attention and FF
-            plan = sp.call(plan_fn, (site.metric, *state, *rand_nodes), site.x)
+            plan = sp.call(plan_fn, plan_args, site.x)
+            if state_mode in ("produce", "select"):
+                carried = sp.call(_named(lambda p, _geo=geo: tuple(method.state_of(config, _geo, p)),
+                                         f"graphprune_{method.name}_state"), (plan,), site.x)
+                state_outputs += [sp.call(operator.getitem, (carried, j), site.x)
+                                  for j in range(len(result.state_sites[-1][1]))]
         if method.form == "kv":  # queries stay: only keys/values shrink; no cross/ff scope (the config checks)
             _splice_kv_attention(sp, site, plan, method, config)
             rep.status, rep.reason = "pruned", f"keys/values {site.N} -> {rep.K} tokens (all {site.N} queries kept)"
@@ -331,6 +395,10 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
     report.sites += [SiteReport(module_path=u.module_path, kind="?", status="unmatched", reason=u.reason)
                      for u in unmatched]
     report.random_inputs = len(result.random_inputs)
+    if state_outputs:  # after the graph's own outputs, in site order
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        outs = output.args[0]
+        output.args = ((tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)) + tuple(state_outputs),)
     if result.changed:
         graph.lint()
         gm.recompile()
