@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
-from .config import (CachingConfig, DaToConfig, DeepCacheConfig, PruneConfig, RandomConfig, SiToConfig, ToDoConfig,
+from .config import (CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, PruneConfig, RandomConfig, SiToConfig, ToDoConfig,
                      ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options)
 from .methods import registered_methods
 from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
+from .match_cache import MatchCacheRuntime
 from .runtime import StepRuntime, reset, runtimes
 from .schedule import Schedule, build_schedule
 
@@ -55,10 +56,12 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
             if isinstance(fn, StepRuntime):
                 fn.build_variants()  # eager: the shallow graph too, without running it
                 infos.append(fn.describe())
+            elif isinstance(fn, MatchCacheRuntime):
+                infos.append(fn.describe())
     return InspectReport(graphs=graphs, runtimes=infos)
 
 
-__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "StepRuntime", "Schedule", "build_schedule",
+__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "StepRuntime", "MatchCacheRuntime", "Schedule", "build_schedule",
            "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig", "CachingConfig",
            "DeepCacheConfig", "DaToConfig", "ToDoConfig", "RandomConfig",
            "parse_options", "config_to_dict", "config_from_dict", "method_names", "registered_methods",

@@ -115,7 +115,7 @@ class MatchCacheRuntime:
         rand = [torch.zeros(s.shape, dtype=torch.int64, device=d) for s, d in result.random_inputs]
         with torch.no_grad():
             out = gm(*examples, *rand)
-        counts = [int(t) for t in out[self.n_outputs:][4::5]]  # stats[0] of each site: the r T allows
+        counts = [int(t[0]) for t in out[self.n_outputs:][4::5]]  # stats[0] of each site: the r T allows
         log.info("graphprune[catome]: exact=False calibrated from T=%g on the first call: r per site %s",
                  cfg.threshold, counts)
         return tuple(counts)

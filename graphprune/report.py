@@ -102,6 +102,10 @@ class InspectReport:
             lines.append(f"runtime[{r['method']}]: schedule {r['schedule']}; cut at {r['cut_description']}; "
                          f"state held {r['state_bytes']} bytes")
             for v in r["variants"]:
+                if "buckets" in v:  # catome: the match cache's variants
+                    lines.append(f"  variant {v['kind']}: buckets {v['buckets']}, {v['ops']} ops, "
+                                 f"{v['pruned_sites']} pruned site(s), {v['calls']} call(s)")
+                    continue
                 runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
                 lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
                              f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")

@@ -11,18 +11,24 @@ import torch
 
 import models
 from graphprune.methods import SiteGeometry, registered_methods
-from graphprune.config import CachingConfig, config_fields, parse_options
+from graphprune.config import CachingConfig, CaToMeConfig, config_fields, parse_options
 from helpers import compile_with, rel_err
 
 METHODS = sorted(registered_methods())
 #: methods whose backend is the step-aware runtime: run here with every step full (cache_interval=1), so the suite
 #: checks their pruning; their caching is tested in test_steps.py
 STEP_AWARE = {m for m in METHODS if isinstance(parse_options({"method": m}), CachingConfig)}
+#: methods whose merge count follows a threshold (catome): here they run their fixed-count form (exact=False,
+#: fixed_ratio=ratio), so "ratio" means what it means for the others; the threshold form is tested in test_catome.py
+THRESHOLD = {m for m in METHODS if isinstance(parse_options({"method": m}), CaToMeConfig)}
 
 
 def model_options(method: str, **options):
-    """Options for a whole-model test: step-aware methods run every step full."""
-    return {"method": method, **options, **({"cache_interval": 1} if method in STEP_AWARE else {})}
+    """Options for a whole-model test: step-aware methods run every step full; threshold methods a fixed ratio."""
+    extra = {"cache_interval": 1} if method in STEP_AWARE else {}
+    if method in THRESHOLD and options.get("ratio", 0) > 0:
+        extra = {"exact": False, "fixed_ratio": options["ratio"], "refresh": 1}
+    return {"method": method, **options, **extra}
 
 
 def expected_k(method: str, H: int, W: int, ratio: float) -> int:
@@ -65,7 +71,8 @@ def test_identity_at_ratio_zero(method, tiny):
 def test_static_budget_and_shapes(method, ratio, H, W):
     impl = registered_methods()[method]
     cfg = parse_options({"method": method, "ratio": ratio})
-    geo = SiteGeometry(B=2, N=H * W, C=8, H=H, W=W)
+    # a threshold method's compiled variant fixes its budget bucket: the one of this ratio
+    geo = SiteGeometry(B=2, N=H * W, C=8, H=H, W=W, bucket=int(H * W * ratio) if method in THRESHOLD else 0)
     if ratio > 1 - (H // 2) * (W // 2) / geo.N:
         pytest.skip("more tokens than the non-base ones")
     K = impl.budget(cfg, geo)
@@ -136,7 +143,7 @@ def test_aot_eager_compiler(tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_on_an_odd_grid(method):
     """7 x 9 tokens: leftover rows/columns that fill no 2 x 2 cell (constant index tables inside the graph)."""
-    if method in STEP_AWARE:
+    if method in STEP_AWARE | THRESHOLD:
         pytest.skip("step-aware methods need a UNet (timestep input, up path); their odd grids are covered by "
                     "test_static_budget_and_shapes and test_steps.py")
     block = models.HandAttentionBlock().eval()
