@@ -51,6 +51,20 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "dato-coco-fx": ("graphprune dato S_B (fx)", "graphprune", {"method": "dato", "schedule": "dato-coco",
                                                                 "compiler": "eager"}),
     "sito0.5-fx": ("graphprune sito r=0.5 (fx)", "graphprune", {"method": "sito", "ratio": 0.5, "compiler": "eager"}),
+    # CA-ToMe (T = 0.7): official refresh configs and refresh-every-call; "tome-matched" merges the mean fraction
+    # the first catome variant of the run measured (filled in at run time)
+    "catome-config3": ("graphprune catome T=0.7 config3", "graphprune", {"method": "catome", "refresh": "config3"}),
+    "catome-every5": ("graphprune catome T=0.7 every5", "graphprune", {"method": "catome", "refresh": "every5"}),
+    "catome-every1": ("graphprune catome T=0.7 every call", "graphprune", {"method": "catome", "refresh": 1}),
+    "tome-matched": ("graphprune tome r=catome's mean", "graphprune", {"method": "tome", "ratio": None}),
+    "catome-config3-fx": ("graphprune catome T=0.7 config3 (fx)", "graphprune",
+                          {"method": "catome", "refresh": "config3", "compiler": "eager"}),
+    "catome-every5-fx": ("graphprune catome T=0.7 every5 (fx)", "graphprune",
+                         {"method": "catome", "refresh": "every5", "compiler": "eager"}),
+    "catome-every1-fx": ("graphprune catome T=0.7 every call (fx)", "graphprune",
+                         {"method": "catome", "refresh": 1, "compiler": "eager"}),
+    "tome-matched-fx": ("graphprune tome r=catome's mean (fx)", "graphprune",
+                        {"method": "tome", "ratio": None, "compiler": "eager"}),
     "DeepCache3": ("DeepCache pkg N=3 (eager)", "peer", {"cache_interval": 3}),
     "DeepCache3+inductor": ("DeepCache pkg N=3 + inductor", "peer-inductor", {"cache_interval": 3}),
 }
@@ -134,7 +148,7 @@ def make_callable(key: str, unet: Any, sched: Any) -> tuple[Callable[..., Any], 
     if kind == "inductor":
         return torch.compile(unet), None
     if kind == "graphprune":
-        stateful = options["method"] in ("deepcache", "dato")
+        stateful = options["method"] in ("deepcache", "dato", "catome")
         return torch.compile(unet, backend="graphprune", options=dict(options)), "runtime" if stateful else None
     from types import SimpleNamespace
 
@@ -208,6 +222,33 @@ def flops_per_kind(unet: Any, options: dict[str, Any] | None, start: Any, ctx: A
     return counts
 
 
+def catome_flops(rt: Any, fn: Callable[..., Any], call_args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[float, dict[str, float]]:
+    """CA-ToMe: FLOPs of the last generation = sum over its graph runs (reruns included) of the FLOPs of the variant
+    each used (every variant's graph run once eagerly under FlopCounterMode; FLOPs depend on shapes only). One extra
+    call of ``fn`` captures the graph's full argument list (Dynamo lifts parameters to inputs)."""
+    keys = list(rt.call_keys)
+    captured: dict[str, Any] = {}
+    original = rt._run
+
+    def spy(variant: Any, args: tuple[Any, ...], flag: Any = None) -> Any:
+        captured.setdefault("args", args)
+        return original(variant, args, flag)
+
+    rt._run = spy
+    try:
+        fn(*call_args, **kwargs)
+    finally:
+        rt._run = original
+    per_variant: dict[str, float] = {}
+    for (kind, buckets), variant in rt.variants.items():
+        extra = rt.extra_inputs(variant, flag=True)  # the state the extra call left: valid index maps
+        with flop_counter() as fc:
+            variant.gm(*captured["args"], *extra)
+        per_variant[f"{kind}{list(buckets)}"] = float(fc.get_total_flops())
+    return sum(per_variant[f"{k}{list(b)}"] for k, b in keys), per_variant
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import torch
@@ -239,6 +280,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         name, kind, options = VARIANTS[key]
         torch._dynamo.reset()
         before = {id(r) for r in graphprune.runtimes()}
+        if kind == "graphprune" and options.get("ratio", 0) is None:  # tome at catome's measured mean fraction
+            measured = [r["mean_merged_fraction"] for r in results["variants"].values()
+                        if r.get("mean_merged_fraction")]
+            if not measured:
+                raise SystemExit(f"{key} needs a catome variant earlier in --variants (it merges catome's mean)")
+            options = {**options, "ratio": round(measured[0], 4)}
+            name = f"{name.split(' r=')[0]} r={options['ratio']:.3f}" + (" (fx)" if key.endswith("-fx") else "")
+            VARIANTS[key] = (name, kind, options)
         if kind == "graphprune" and options.get("schedule", "").startswith("dato-"):
             options = {**options, "num_steps": opts.steps}  # the presets' one-call-per-step (DDIM) form
             VARIANTS[key] = (name, kind, options)
@@ -249,6 +298,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             generate(fn, start, ctx, kwargs, sched, opts.guidance, device)  # warm-up: compiles every variant
             warm = time.perf_counter() - t0
             gens, finals = [], []
+            rt_before = [r for r in graphprune.runtimes(fn) if id(r) not in before] if tracker == "runtime" else []
+            stats0 = dict(getattr(rt_before[-1], "stats", {})) if rt_before else {}
             for _ in range(opts.runs):
                 per_step: list[float] = []
                 t0 = time.perf_counter()
@@ -260,27 +311,40 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if tracker is not None and tracker != "runtime":
             tracker.disable()
         variants = []
+        extra: dict[str, Any] = {}
         if tracker == "runtime":
             rts = [r for r in graphprune.runtimes(fn) if id(r) not in before]
-            variants = [v["kind"] for v in rts[-1].describe()["variants"]] if rts else ["full"]
+            variants = [v["kind"] + (str(v["buckets"]) if "buckets" in v else "")
+                        for v in rts[-1].describe()["variants"]] if rts else ["full"]
+            if rts and isinstance(rts[-1], graphprune.MatchCacheRuntime):
+                rt = rts[-1]
+                st = rt.stats
+                extra = {"mean_merged_fraction": rt.mean_merged_fraction(),
+                         "refresh_seconds": (st["refresh_seconds"] - stats0.get("refresh_seconds", 0)) / opts.runs,
+                         "cached_seconds": (st["cached_seconds"] - stats0.get("cached_seconds", 0)) / opts.runs,
+                         "reruns": (st["reruns"] - stats0.get("reruns", 0)) / opts.runs}
         final = finals[-1]
         if key == "inductor" or (key == "eager" and "inductor" not in opts.variant_list):
             baseline_final = final  # the unpruned reference of the error column
         with torch.no_grad():
             if flops_base is None:
                 flops_base = flops_per_kind(unet, None, start, ctx, kwargs, sched)["full"]
-            fl = flops_per_kind(unet, options if kind == "graphprune" else
-                                ({"method": "deepcache", **options} if kind.startswith("peer") else None),
-                                start, ctx, kwargs, sched)
-        run_flops = sum(fl.get(k, 0.0) for k in kinds if k != "reuse")
+            if extra:  # catome: per-variant FLOPs x the variant of every call
+                run_flops, fl = catome_flops(rts[-1], fn, (torch.cat([start] * 2), sched.timesteps[0], ctx), kwargs)
+            else:
+                fl = flops_per_kind(unet, options if kind == "graphprune" else
+                                    ({"method": "deepcache", **options} if kind.startswith("peer") else None),
+                                    start, ctx, kwargs, sched)
+                run_flops = sum(fl.get(k, 0.0) for k in kinds if k != "reuse")
         by_kind = {}
-        for k in ("full", "shallow", "reuse"):
+        for k in ("full", "shallow", "reuse", "refresh", "cached"):
             times = [s for per in step_times for s, kk in zip(per, kinds) if kk == k]
             if times:
                 by_kind[k] = {"count": kinds.count(k), "median_s": statistics.median(times)}
         results["variants"][key] = {
             "name": name, "seconds": statistics.median(gens), "all_seconds": gens, "warmup_seconds": warm,
-            "kinds": {k: kinds.count(k) for k in ("full", "shallow", "reuse")}, "per_kind": by_kind,
+            "kinds": {k: kinds.count(k) for k in ("full", "shallow", "reuse", "refresh", "cached") if k in kinds
+                      or k in ("full", "shallow", "reuse")}, "per_kind": by_kind, **extra,
             "compiled_variants": variants, "flops_per_kind": fl,
             "flop_bound": flops_base * opts.steps / run_flops if run_flops else None, "final": final,
         }
@@ -293,6 +357,19 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         r["vs_eager"] = eager / r["seconds"] if eager else None
         r["error"] = rel_error(r.pop("final"), baseline_final) if baseline_final is not None else None
     return results
+
+
+def catome_table(results: dict[str, Any]) -> str:
+    """The CA-ToMe columns: refresh / cached calls, reruns, merged fraction, time at refresh and cached calls."""
+    rows = ["| variant | refresh / cached calls | reruns | mean merged fraction | s at refresh calls | "
+            "s at cached calls | compiled graphs |", "|---|---|---|---|---|---|---|"]
+    for r in results["variants"].values():
+        if r.get("mean_merged_fraction") is None:
+            continue
+        rows.append(f"| {r['name']} | {r['kinds'].get('refresh', 0)} / {r['kinds'].get('cached', 0)} | "
+                    f"{r['reruns']:g} | {r['mean_merged_fraction']:.3f} | {r['refresh_seconds']:.2f} | "
+                    f"{r['cached_seconds']:.2f} | {len(r['compiled_variants'])} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def table(results: dict[str, Any]) -> str:
@@ -338,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("graphprune").setLevel(logging.WARNING)
     results = run(opts)
     print(table(results))
+    print(catome_table(results))
     if opts.out:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.out).write_text(json.dumps(results, indent=1, default=str))

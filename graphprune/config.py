@@ -403,7 +403,7 @@ class CaToMeConfig(PruneConfig):
     refresh: Any = "config3"
     exact: bool = True
     threshold_rule: str = "batch-max"
-    buckets: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75)
+    buckets: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     bucket_scope: str = "level"
     max_variants: int = 8
     fixed_ratio: float | None = None

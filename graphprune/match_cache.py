@@ -94,6 +94,8 @@ class MatchCacheRuntime:
         self.stats = {"refresh_calls": 0, "cached_calls": 0, "reruns": 0, "refresh_seconds": 0.0,
                       "cached_seconds": 0.0, "merged_fraction": []}
         self.generation = 0
+        self.previous_call_keys: list[tuple[str, Buckets]] = []
+        self.previous_kinds: list[str] = []
         if register:
             _RUNTIMES.add(self)
         self.reset(reason="new runtime")
@@ -196,6 +198,9 @@ class MatchCacheRuntime:
         """Forget the cached matches; the next call is call 0 (a refresh) of a new generation."""
         if getattr(self, "step", 0):
             self.generation += 1
+            self.previous_call_keys = self.call_keys
+            self.previous_kinds = self.kinds
+        self.call_keys: list[tuple[str, Buckets]] = []  # the variant every graph run of this generation used
         self.step = 0
         self.last_t: float | None = None
         self.state: list[torch.Tensor] | None = None
@@ -214,6 +219,13 @@ class MatchCacheRuntime:
                 for spec, device in self.random_specs]
 
     def _run(self, variant: MatchVariant, args: tuple[Any, ...], flag: bool | None = None) -> tuple[Any, ...]:
+        extra = self.extra_inputs(variant, flag)
+        variant.calls += 1
+        self.call_keys.append((variant.kind, variant.buckets))
+        return tuple(variant.fn(*args, *extra))
+
+    def extra_inputs(self, variant: MatchVariant, flag: bool | None = None) -> list[torch.Tensor]:
+        """The inputs ``variant`` takes after the graph's own: the carried state, the refresh flag, the offsets."""
         named: dict[str, torch.Tensor] = {}
         if self.state is not None:
             n = 0
@@ -225,9 +237,7 @@ class MatchCacheRuntime:
             named[f"graphprune_random_{k}"] = r
         if flag is not None:
             named["graphprune_refresh"] = torch.tensor(flag, device=self.device)
-        extra = [named[name] if name in named else self._example(name, variant.gm) for name in variant.extra]
-        variant.calls += 1
-        return tuple(variant.fn(*args, *extra))
+        return [named[name] if name in named else self._example(name, variant.gm) for name in variant.extra]
 
     def __call__(self, *args: Any) -> Any:
         t = self._timestep(args)
