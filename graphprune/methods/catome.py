@@ -102,7 +102,8 @@ class CaToMe(TokenMethod[CaToMeConfig]):
         return self._plan(config, geo, *state)
 
     def state_of(self, config: CaToMeConfig, geo: SiteGeometry, plan: Plan) -> tuple[torch.Tensor, ...]:
-        return plan[7:]
+        # dense copies: the next graph is compiled for contiguous inputs (an expanded (B, S) mask has stride 0)
+        return tuple(t.contiguous() for t in plan[7:])
 
     def _plan(self, config: CaToMeConfig, geo: SiteGeometry, loc: torch.Tensor, order: torch.Tensor,
               node_idx: torch.Tensor, merge: torch.Tensor, stats: torch.Tensor) -> Plan:
