@@ -33,6 +33,11 @@ class SiteGeometry:
     H: int
     W: int
     level: int = 1
+    #: the ranking attention's heads, head dim and softmax scale (methods whose plan reads attention, AT-EDM);
+    #: head_dim 0 / scale 0.0 mean "C // heads" and "head_dim ** -0.5"
+    heads: int = 1
+    head_dim: int = 0
+    scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ class TokenMethod(Generic[ConfigT]):
     #: names of cross-step state tensors :meth:`plan` takes after the metric (before the random inputs), provided
     #: by the step-aware runtime as graph inputs (e.g. DaTo: the two previous noise predictions (B, c, h, w))
     context_inputs: tuple[str, ...] = ()
+    #: what :meth:`plan` reads: ``"metric"`` (the pre-norm block input at the pruning point) or ``"attention"``
+    #: (the query and key projections (B, N, h*d) of the ranking layer's self-attention, AT-EDM)
+    plan_source: str = "metric"
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
         """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
@@ -79,6 +87,11 @@ class TokenMethod(Generic[ConfigT]):
         """metric: (B, N, C'), then the ``context_inputs`` tensors, then the random inputs -> a tuple of tensors
         with static shapes (index maps)."""
         raise NotImplementedError
+
+    def skip_region(self, config: ConfigT, geo: SiteGeometry, path: str, paths: list[str]) -> str | None:
+        """For the region form (``scope="block"``): a reason to leave the transformer stack at module ``path``
+        unpruned (``paths``: every stack of the graph, in graph order), or None to prune it."""
+        return None
 
     def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C) -> (B, K, C)."""
