@@ -296,9 +296,8 @@ def rewrite_regions(sp: Any, sites: list[AttentionSite], levels: dict[int, int],
 
         if rank is not None:
             (qs, qw), (ks, kw) = (rank.q.start, rank.q.width), (rank.k.start, rank.k.width)
-            plan_fn = _named(lambda qf, kf, *r, _g=geo: method.plan(config, _g, qf[..., qs:qs + qw],
-                                                                   kf[..., ks:ks + kw], *r),
-                             f"graphprune_{method.name}_plan")
+            plan_fn = _named(lambda qf, kf, *r, _g=geo, _q=(qs, qs + qw), _k=(ks, ks + kw): method.plan(
+                config, _g, qf[..., _q[0]:_q[1]], kf[..., _k[0]:_k[1]], *r), f"graphprune_{method.name}_plan")
             plan_args = (rank.q.linear, rank.k.linear, *state, *rand_nodes)
         else:
             plan_fn = _named(lambda m, *r, _g=geo: method.plan(config, _g, m, *r), f"graphprune_{method.name}_plan")
