@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="results/atedm.json", help="JSON output")
     p.add_argument("--quick", action="store_true", help="tiny SDXL-style UNet, latent 16, 2 runs (smoke test)")
+    p.add_argument("--flops-only", action="store_true", help="only the FLOP table of the AT-EDM variants (meta "
+                   "device: no weights allocated; e.g. --arch sdxl --latent 128 --batch 1, the paper's setting)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.arch, opts.latent, opts.runs, opts.warmup = "sdxl-tiny", 16, 2, 1
@@ -196,6 +198,42 @@ def time_variant(model: Any, options: dict[str, Any] | None, inputs: tuple[tuple
             "plan_time_share": (plan_s / sum(times)) if method and not opts.inductor else None, "rel_err": err}
 
 
+def flops_table(opts: argparse.Namespace) -> int:
+    """FLOPs per UNet call: unpruned, AT-EDM and AT-EDM-dagger in both DSAP phases, and their DSAP-weighted means."""
+    import torch
+
+    from graphprune.bench.common import git_commit
+    from graphprune.bench.flops import arch_flops
+
+    if opts.arch == "sdxl-tiny":
+        raise SystemExit("--flops-only needs a built-in architecture (--arch sdxl)")
+    base = {**ATEDM, "ratio": opts.ratio, "dsap_steps": opts.dsap_steps}
+    variants = {"unpruned": None, "atedm late": {**base, "dsap_phase": "late"},
+                "atedm early": {**base, "dsap_phase": "early"},
+                "atedm-dagger late": {**base, "dsap_phase": "late", "dagger": True},
+                "atedm-dagger early": {**base, "dsap_phase": "early", "dagger": True}}
+    r = arch_flops(opts.arch, opts.latent, variants, batch=opts.batch)
+    tau, n = min(opts.dsap_steps, opts.num_steps), opts.num_steps
+    rows = [f"{opts.arch}, latent {opts.latent}x{opts.latent}, batch {opts.batch}, torch {torch.__version__}, "
+            f"git {git_commit()}; TFLOPs per UNet call (2 FLOPs per MAC); side = ranking plan nodes", "",
+            "| variant | TFLOPs | of which side | without side | vs unpruned | pruned blocks |", "|---|---|---|---|---|---|"]
+    for name, v in r.items():
+        rows.append(f"| {name} | {v['tflops']:.3f} | {v['side_tflops']:.3f} | {v['tflops'] - v['side_tflops']:.3f} | "
+                    f"{v['vs_unpruned']:.3f} | {len(v['pruned_blocks'])} |")
+    for tag in ("atedm", "atedm-dagger"):
+        e, l_ = r[f"{tag} early"], r[f"{tag} late"]
+        mean = (tau * e["tflops"] + (n - tau) * l_["tflops"]) / n
+        side = (tau * e["side_tflops"] + (n - tau) * l_["side_tflops"]) / n
+        rows.append(f"| {tag}, DSAP mean ({tau} early of {n}) | {mean:.3f} | {side:.3f} | {mean - side:.3f} | "
+                    f"{mean / r['unpruned']['tflops']:.3f} | |")
+    text = "\n".join(rows)
+    print(text)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"flops": r, "table": text}, indent=1, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     opts = parse_args(argv)
@@ -205,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(opts.threads)
     from graphprune.bench.common import cpu_model, git_commit, unet_out
 
+    if opts.flops_only:
+        return flops_table(opts)
     model, config = build(opts)
     inputs = inputs_for(model, opts)
     head = {"arch": opts.arch, "config": config, "latent": opts.latent, "batch": opts.batch, "dtype": "float32",

@@ -332,3 +332,25 @@ def test_defaults_are_the_papers_headline_budget():
         0.63, 1, 1, "mean", ("block",))
     assert cfg.step_aware and cfg.dsap_steps == 10 and not cfg.dagger
     assert (4096 - cfg.pruned_count(4096), 1024 - cfg.pruned_count(1024)) == (1516, 379)  # research sec. 2
+
+
+def test_apply_on_a_pipeline_resets_dsap_per_generation():
+    import graphprune
+    from test_steps import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def generate():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=4, height=16,
+                    width=16, generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    baseline = generate()
+    graphprune.apply(pipe, method="atedm", dsap_steps=2, compiler="eager")
+    first, second = generate(), generate()
+    assert torch.equal(first, second) and rel_err(first, baseline) > 1e-4
+    (rt,) = graphprune.runtimes(pipe)
+    assert rt.previous_kinds == ["early", "early", "late", "late"] and len(rt.variants) == 2
+    graphprune.remove(pipe)
+    assert torch.equal(generate(), baseline)
