@@ -47,7 +47,6 @@ def graph_flops(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
     Step-aware configs must pin one variant (AT-EDM: ``dsap_phase="early"`` / ``"late"``, or ``dsap_steps=0``).
     """
     from ..config import parse_options
-    from ..inner import RandomFeed
     from ..methods.base import method_for
     from ..passes.cut import copy_graph_module
     from ..passes.rewrite import prune_graph
@@ -62,12 +61,14 @@ def graph_flops(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         result = prune_graph(gm, config, method_for(config), warn_unpruned=False)
         totals["graphs"] += 1
         totals["reports"].append(result.report)
-        feed = RandomFeed(result.random_inputs, 0)
+        # random inputs as zeros (their values do not change FLOPs; a meta device has no generator)
+        rand = [torch.zeros(spec.shape, device=dev, dtype=torch.float32 if spec.kind == "normal" else torch.int64)
+                for spec, dev in result.random_inputs]
 
         def run(*a: Any) -> Any:
             with flop_counter() as fc:
                 interp = _SideCounter(gm, fc)
-                out = interp.run(*a, *feed.examples())
+                out = interp.run(*a, *rand)
             totals["total"] += fc.get_total_flops()
             totals["side"] += interp.side
             return out
