@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import methods  # noqa: F401  (registers the methods)
-from .config import CachingConfig, CaToMeConfig, PruneConfig, parse_options, with_overrides
+from .config import CaToMeConfig, PruneConfig, parse_options, with_overrides
 from .inner import RandomFeed, compile_inner
 from .methods.base import method_for
 from .passes.cut import copy_graph_module
@@ -57,7 +57,7 @@ def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any 
     config = parse_options(options)
     if mode is not None and mode != "default":
         config = with_overrides(config, mode=mode)
-    if isinstance(config, CachingConfig):  # step-aware: a runtime that picks a compiled variant per step
+    if config.step_aware:  # caching methods, AT-EDM's DSAP: a runtime that picks a compiled variant per step
         runtime = StepRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
                               register=register_runtime)
         return runtime

@@ -16,8 +16,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sito", help="pruning method (default: sito)")
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of tokens removed (default: the method's, 0.5 for tome/sito, 0.4 for dato)")
-    p.add_argument("--scope", default="self", help="self | self+cross | self+cross+ff (default: self)")
-    p.add_argument("--max-downsample", type=int, default=1, help="prune levels up to this downsample (default 1)")
+    p.add_argument("--scope", default=None, help="self | self+cross | self+cross+ff | block (default: the method's)")
+    p.add_argument("--max-downsample", type=int, default=None,
+                   help="prune levels up to this downsample (default: the method's, 1; atedm: every level)")
     p.add_argument("--cache-interval", type=int, default=None,
                    help="deepcache/dato: a full step every N calls (default 3)")
     p.add_argument("--schedule", default=None,
@@ -27,8 +28,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The method options given on the command line (unset ones keep the method's defaults)."""
-    options = {"method": args.method, "scope": args.scope, "max_downsample": args.max_downsample}
-    for key in ("ratio", "cache_interval", "schedule", "cache_branch"):
+    options = {"method": args.method}
+    for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     return options

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 CONFIG_VERSION = 1
-SCOPES = ("self", "cross", "ff")
+SCOPES = ("self", "cross", "ff", "block")
 COMPILERS = ("inductor", "eager", "aot_eager", "tensorrt")
 PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
 TODO_DOWNSAMPLE = ("nearest-exact", "nearest", "avg_pool", "max_pool")
@@ -33,7 +33,6 @@ def register_config(cls: type["PruneConfig"]) -> type["PruneConfig"]:
 
 #: Methods on the roadmap: naming one raises NotImplementedError (listed in the README).
 PLANNED_METHODS = {
-    "atedm": "AT-EDM (attention-ranked pruning with per-step budgets)",
 }
 
 
@@ -43,7 +42,10 @@ def method_names() -> tuple[str, ...]:
 
 
 def _parse_scope(scope: Any) -> tuple[str, ...]:
-    """'self' | 'self+cross' | 'self+cross+ff' | a list of those words -> a sorted canonical tuple."""
+    """'self' | 'self+cross' | 'self+cross+ff' | 'block' | a list of those words -> a sorted canonical tuple.
+
+    ``'block'`` (the region form: prune once, run a whole transformer stack on K tokens, refill before its
+    ``proj_out``) stands alone: it already covers self-attention, cross-attention and feed-forward."""
     if isinstance(scope, str):
         parts = [p.strip() for p in scope.replace(",", "+").split("+") if p.strip()]
     elif isinstance(scope, (list, tuple)):
@@ -53,6 +55,11 @@ def _parse_scope(scope: Any) -> tuple[str, ...]:
     bad = [p for p in parts if p not in SCOPES]
     if bad or not parts:
         raise ValueError(f"unknown scope part(s) {bad or parts!r}; valid parts are {SCOPES}, e.g. 'self+cross+ff'")
+    if "block" in parts:
+        if len(set(parts)) > 1:
+            raise ValueError(f"scope 'block' stands alone (it covers self, cross and ff on the whole transformer "
+                             f"stack); got {'+'.join(parts)!r}: pass scope='block'")
+        return ("block",)
     if "self" not in parts:
         raise ValueError("scope must include 'self': the plan is made at the self-attention of each block")
     return tuple(p for p in SCOPES if p in parts)
@@ -65,7 +72,9 @@ class PruneConfig:
     Important args:
         ratio: fraction of the N tokens removed at each pruned site, ``0 <= ratio < 1`` (per-method caps apply:
             with 2x2 cells at most ``1 - 1/(sx*sy) = 0.75``). ``0`` leaves the model unchanged.
-        scope: what runs on the K kept tokens: ``"self"`` (default), ``"self+cross"``, ``"self+cross+ff"``.
+        scope: what runs on the K kept tokens: ``"self"`` (default), ``"self+cross"``, ``"self+cross+ff"``, or
+            ``"block"``: the region form (tokens pruned once at a transformer stack's input, every layer of the stack
+            runs on K tokens, N tokens refilled before its ``proj_out``).
         max_downsample: prune sites whose token grid is at most this factor coarser than the finest attention
             grid of the graph (1 = the highest-resolution level only, like tomesd's default).
         compiler: the inner compiler for the rewritten graph: ``"inductor"`` (default), ``"eager"`` (run the
@@ -117,6 +126,16 @@ class PruneConfig:
     def max_ratio(self) -> float:
         """The largest ratio this method accepts with the current cell stride."""
         return 1.0 - 1.0 / (self.sx * self.sy)
+
+    @property
+    def step_aware(self) -> bool:
+        """Whether the backend returns a step-aware runtime (:class:`graphprune.runtime.StepRuntime`)."""
+        return False
+
+    @property
+    def caches(self) -> bool:
+        """Whether the step-aware runtime caches features across steps (needs a DeepCache-style graph cut)."""
+        return False
 
 
 @register_config
@@ -255,6 +274,128 @@ class RandomConfig(PruneConfig):
         return 1.0  # no cells: any K >= 1 works
 
 
+HEAD_AGGREGATIONS = ("mean", "eir")
+COPY_SIMILARITIES = ("logits", "probs")
+K_ROUNDINGS = ("floor", "round", "ceil")
+DSAP_PHASES = (None, "early", "late")
+
+
+@register_config
+@dataclass(frozen=True)
+class AtEdmConfig(PruneConfig):
+    """AT-EDM (Wang et al., CVPR 2024): tokens ranked by G-WPR on a self-attention map, pruned once per transformer
+    stack, the rest of the stack run on K tokens, pruned tokens refilled by copying their most attended kept token;
+    DSAP leaves some stacks unpruned in early denoising steps (research/atedm.md; defaults = its section 11).
+
+    Important args:
+        ratio: fraction of tokens pruned at each pruning point (paper: 0.63, the 4.1-TFLOPs SD-XL budget).
+            K = N - R with R = floor(N * ratio) (``k_rounding``).
+        prune_layer: the 1-based layer of each stack whose self-attention map ranks the tokens. Its output is pruned
+            when the stack has more layers (paper: after layer 1); in a one-layer stack (SD1.5) the pruning point
+            is right after that layer's self-attention, so its cross-attention and feed-forward run on K tokens.
+        dsap_steps: DSAP's tau: for the first ``dsap_steps`` UNet calls of a generation the ``dsap_blocks`` are not
+            pruned, afterwards every stack is (two compiled variants). 0 turns DSAP off. [?] in the paper; 10.
+        dagger: AT-EDM-dagger: no pruning at the finest attention level (SD-XL's 64x64 level).
+
+    Args to tinker with:
+        iterations: G-WPR power iterations T (s <- A^T s from s = 1/N). [?]; 1 = the column mean of the map.
+        head_aggregation: ``"mean"`` (one G-WPR on the head-mean map) or ``"eir"`` (G-WPR per head, combined as
+            sqrt(sum_h s_h^2), Zero-TPrune's "emphasizing informative region"). [?]
+        query_subsample: > 1 estimates the T = 1 score from the queries on a strided ``q x q`` sub-grid (cost / q^2;
+            not exact; needs iterations=1).
+        query_chunk: queries per chunk of the streamed softmax (memory B*H*chunk*N per chunk).
+        copy_similarity: copy source of a pruned token = argmax over kept tokens of its row of the ranking map:
+            ``"logits"`` (head-mean q.k; exact argmax per head) or ``"probs"`` (head-mean softmax). [?]
+        cfg_shared: the two halves of an even batch (CFG [uncond; cond]) share one plan (scores and copy
+            similarities averaged over the halves). [?] default False: per sample.
+        k_rounding: R = floor / round / ceil(N * ratio). [?]
+        dsap_blocks: ``"auto"`` (the first attention block of each down stage and the last of each up stage) or a
+            list of attention-block module paths (e.g. ``["down_blocks.1.attentions.0"]``).
+        dsap_phase: ``None`` (the runtime switches phases by step), or ``"early"`` / ``"late"`` to compile one
+            phase's graph as a stateless model (e.g. for FLOP counts).
+        topk_max: the largest k a TopK may take (TensorRT: 3840); above it the kept set comes from chunked rank
+            counting instead.
+    """
+
+    method: ClassVar[str] = "atedm"
+    ratio: float = 0.63
+    scope: tuple[str, ...] = ("block",)
+    max_downsample: int = 64
+    prune_layer: int = 1
+    iterations: int = 1
+    head_aggregation: str = "mean"
+    query_subsample: int = 1
+    query_chunk: int = 512
+    copy_similarity: str = "logits"
+    cfg_shared: bool = False
+    k_rounding: str = "floor"
+    dsap_steps: int = 10
+    dsap_blocks: Any = "auto"
+    dsap_phase: str | None = None
+    dagger: bool = False
+    topk_max: int = 3840
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope != ("block",):
+            raise ValueError(f"atedm: scope must be 'block' (got {'+'.join(self.scope)!r}): AT-EDM prunes a whole "
+                             "transformer stack after its ranking layer")
+        for name, low in (("prune_layer", 1), ("iterations", 1), ("query_subsample", 1), ("query_chunk", 1),
+                          ("dsap_steps", 0), ("topk_max", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"atedm: {name} must be an integer >= {low}, got {value!r}")
+        if self.head_aggregation not in HEAD_AGGREGATIONS:
+            raise ValueError(f"atedm: head_aggregation must be one of {HEAD_AGGREGATIONS}, got "
+                             f"{self.head_aggregation!r}")
+        if self.copy_similarity not in COPY_SIMILARITIES:
+            raise ValueError(f"atedm: copy_similarity must be one of {COPY_SIMILARITIES}, got "
+                             f"{self.copy_similarity!r}")
+        if self.k_rounding not in K_ROUNDINGS:
+            raise ValueError(f"atedm: k_rounding must be one of {K_ROUNDINGS}, got {self.k_rounding!r}")
+        if self.dsap_phase not in DSAP_PHASES:
+            raise ValueError(f"atedm: dsap_phase must be one of {DSAP_PHASES}, got {self.dsap_phase!r}")
+        if self.query_subsample > 1 and self.iterations > 1:
+            raise ValueError("atedm: query_subsample > 1 estimates the one-iteration score only (the sub-map is not "
+                             "square); use iterations=1 or query_subsample=1")
+        blocks = self.dsap_blocks
+        if isinstance(blocks, list):
+            blocks = tuple(blocks)
+            object.__setattr__(self, "dsap_blocks", blocks)
+        if not (blocks == "auto" or (isinstance(blocks, tuple) and all(isinstance(b, str) for b in blocks))):
+            raise ValueError(f"atedm: dsap_blocks must be 'auto' or a list of attention-block module paths, got "
+                             f"{blocks!r}")
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any K >= 1 works
+
+    def pruned_count(self, n: int) -> int:
+        """R, the tokens pruned of ``n`` (``k_rounding`` of n * ratio, at most n - 1)."""
+        import math
+
+        x = n * self.ratio
+        r = {"floor": math.floor, "ceil": math.ceil, "round": lambda v: math.floor(v + 0.5)}[self.k_rounding](x)
+        return min(int(r), n - 1)
+
+    @property
+    def step_aware(self) -> bool:
+        """DSAP needs the step-aware runtime (two variants), unless a phase is forced or nothing is pruned."""
+        return self.dsap_steps > 0 and self.dsap_phase is None and self.ratio > 0
+
+    @property
+    def max_variants(self) -> int:
+        return 2
+
+    def phase_config(self, kind: str) -> "AtEdmConfig":
+        """The config of one DSAP phase's variant (``kind`` "early" or "late")."""
+        return dataclasses.replace(self, dsap_phase=kind)
+
+    def step_schedule(self) -> Any:
+        from .schedule import PhaseSchedule
+
+        return PhaseSchedule(boundary=self.dsap_steps)
+
+
 STEP_KINDS = ("full", "shallow", "reuse")
 SELECTIONS = ("dynamics", "local_random")
 
@@ -302,6 +443,14 @@ class CachingConfig(PruneConfig):
         from .schedule import build_schedule  # validates schedule, interval and length together
 
         build_schedule(self)
+
+    @property
+    def step_aware(self) -> bool:
+        return True
+
+    @property
+    def caches(self) -> bool:
+        return True
 
 
 @register_config
@@ -418,6 +567,9 @@ class CaToMeConfig(PruneConfig):
             raise ValueError(f"catome: threshold must be a cosine similarity >= -1 (T >= 1 merges nothing), got "
                              f"{self.threshold!r}")
         object.__setattr__(self, "threshold", float(self.threshold))
+        if "block" in self.scope:
+            raise ValueError("catome: scope='block' is not supported (the match is made and cached per transformer "
+                             "layer); use 'self' (official), 'self+cross' or 'self+cross+ff'")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"catome: threshold_rule must be one of {THRESHOLD_RULES}, got {self.threshold_rule!r}")
         if self.bucket_scope not in BUCKET_SCOPES:
@@ -472,7 +624,7 @@ def config_to_dict(config: PruneConfig) -> dict[str, Any]:
     """A JSON-ready dict: ``{"_type": method, "_version": n, "_data": {...}}``."""
     data = dataclasses.asdict(config)
     data["scope"] = list(config.scope)
-    for key in ("schedule", "refresh", "buckets"):
+    for key in ("schedule", "refresh", "buckets", "dsap_blocks"):
         if isinstance(data.get(key), tuple):
             data[key] = list(data[key])
     return {"_type": config.method, "_version": CONFIG_VERSION, "_data": data}
@@ -494,6 +646,6 @@ def with_overrides(config: PruneConfig, **changes: Any) -> PruneConfig:
 
 __all__ = [
     "PruneConfig", "ToMeConfig", "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig",
-    "DaToConfig", "CaToMeConfig", "parse_options", "config_to_dict", "config_from_dict",
+    "DaToConfig", "CaToMeConfig", "AtEdmConfig", "parse_options", "config_to_dict", "config_from_dict",
     "method_names", "register_config", "with_overrides",
 ]

@@ -29,10 +29,11 @@ import torch
 import torch._inductor
 from torch.fx import GraphModule, Node
 
-from .config import CachingConfig, config_to_dict
+from .config import CachingConfig, PruneConfig, config_to_dict
 from .inner import RandomFeed, compile_inner
 from .methods.base import TokenMethod, method_for
-from .passes.cut import CutPoint, add_input, find_cut, find_timestep_input, full_graph, running_modules, shallow_graph
+from .passes.cut import (CutPoint, add_input, copy_graph_module, find_cut, find_timestep_input, full_graph,
+                         running_modules, shallow_graph)
 from .passes.match import find_attention_sites
 from .passes.ops import node_val
 from .passes.rewrite import prune_graph
@@ -94,10 +95,14 @@ class StepRuntime:
     gm: the graph Dynamo traced (never edited in place); example_inputs: its example inputs.
     """
 
-    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: CachingConfig,
+    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: CachingConfig | PruneConfig,
                  reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
         self.config = config
-        self.schedule: Schedule = build_schedule(config)
+        #: feature caching (full/shallow/reuse over a graph cut) or phases only (AT-EDM's DSAP: "early"/"late",
+        #: each a differently pruned copy of the whole graph; no cut, no cached tensor)
+        self.caches = config.caches
+        self.schedule: Schedule = build_schedule(config) if self.caches else config.step_schedule()
+        self.first_kind = "full" if self.caches else self.schedule.first_kind
         self.method: TokenMethod = method_for(config) if config.ratio > 0 else _NoPruning()
         self._reports_sinks = [r for r in (reports, all_reports) if r is not None]
         self.base = gm
@@ -106,7 +111,7 @@ class StepRuntime:
             raise ValueError(f"method {config.method!r} is step-aware but the traced graph has no timestep input: "
                              "pass the timestep as a tensor (diffusers pipelines do), not a Python number")
         self.t_index = t_index
-        self.cut: CutPoint = find_cut(gm.graph, config.cache_branch)
+        self.cut: CutPoint | None = find_cut(gm.graph, config.cache_branch) if self.caches else None
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs = output.args[0]
         self.n_outputs = len(outs) if isinstance(outs, (list, tuple)) else 1
@@ -125,23 +130,31 @@ class StepRuntime:
         self._keys = {t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor) and t.numel() > 1}
         if register:
             _RUNTIMES.add(self)
-        self._variant("full", example_inputs)  # compile the full variant now: errors surface at compile time
-        log.info("graphprune[%s]: %s; cut at %s", config.method, self.schedule.describe(), self.cut.describe())
+        self._variant(self.first_kind, example_inputs)  # compile the first variant now: errors surface early
+        log.info("graphprune[%s]: %s; cut at %s", config.method, self.schedule.describe(), self._cut_description())
 
     # ---------------------------------------------------------------- variants
     def _context(self, gm: GraphModule) -> dict[str, Node]:
         """Placeholders for the method's cross-step inputs (after the existing ones, before random inputs)."""
         return {name: add_input(gm.graph, f"graphprune_{name}", self.eps_like) for name in self.method.context_inputs}
 
+    def _cut_description(self) -> str:
+        return self.cut.describe() if self.cut is not None else "none (no feature caching)"
+
     def _build(self, kind: str) -> tuple[GraphModule, GraphReport, list, list[str]]:
-        if kind == "full":
+        config = self.config
+        if not self.caches:  # a phase variant: the whole graph, pruned as the phase's config says
+            gm = copy_graph_module(self.base)
+            modules = running_modules(gm)
+            config = self.config.phase_config(kind)
+        elif kind == "full":
             gm = full_graph(self.base, self.cut)
             modules = running_modules(gm)
         else:
             gm, modules = shallow_graph(self.base, self.cut)
         context = self._context(gm)
-        result = prune_graph(gm, self.config, self.method, context=context, finest_tokens=self.finest_tokens,
-                             warn_unpruned=kind == "full")
+        result = prune_graph(gm, config, self.method, context=context, finest_tokens=self.finest_tokens,
+                             warn_unpruned=kind == self.first_kind)
         if context and not result.changed:  # nothing reads the state inputs: keep them (callers pass them)
             gm.recompile()
         for sink in self._reports_sinks:
@@ -153,7 +166,7 @@ class StepRuntime:
         variant = self.variants.get(key)
         if variant is not None:
             return variant
-        if len(self.variants) >= self.config.max_variants:
+        if len(self.variants) >= self.config.max_variants:  # AT-EDM: exactly two (its phases)
             raise RuntimeError(f"graphprune: more than max_variants={self.config.max_variants} compiled variants "
                                f"needed ({sorted(self.variants)} + {key}); raise max_variants")
         gm, report, random_inputs, modules = self._build(kind)
@@ -171,6 +184,10 @@ class StepRuntime:
         ``graphprune.inspect`` to report the shallow graph before any shallow step ran)."""
         if self.config.compiler != "eager":
             raise RuntimeError("build_variants needs example inputs for a real compiler; use compiler='eager'")
+        if not self.caches:
+            for kind in ("early", "late"):
+                self._variant(kind, [])
+            return
         if self.schedule.kinds is None or "shallow" in self.schedule.kinds:
             self._variant("shallow", [])
 
@@ -213,6 +230,8 @@ class StepRuntime:
 
     def next_kind(self) -> str:
         """The kind the next call will run (step 0 and a missing cache or output force a full step)."""
+        if not self.caches:
+            return self.schedule.kind(self.step)
         kind = "full" if self.step == 0 else self.schedule.kind(self.step)
         if (kind == "shallow" and self.state.cache is None) or (kind == "reuse" and self.state.outputs is None):
             return "full"
@@ -234,7 +253,7 @@ class StepRuntime:
             outputs = tuple(result[: self.n_outputs])
             if self._copy_state:
                 outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
-            if kind == "full":
+            if kind == "full" and self.caches:
                 cache = result[self.n_outputs]
                 self.state.cache = cache.clone() if self._copy_state else cache
             eps = outputs[0]
@@ -249,8 +268,9 @@ class StepRuntime:
     # ---------------------------------------------------------------- reporting
     @property
     def graphprune_graph(self) -> GraphModule:
-        """The full variant's rewritten graph (for tests and debugging, like the stateless backend's)."""
-        return self.variants[("full", self.config.ratio)].gm
+        """The first variant's rewritten graph (full; AT-EDM: early) (for tests and debugging, like the stateless
+        backend's)."""
+        return self.variants[(self.first_kind, self.config.ratio)].gm
 
     def state_bytes(self) -> int:
         """Bytes of the cross-step tensors held now."""
@@ -259,8 +279,8 @@ class StepRuntime:
     def describe(self) -> dict[str, Any]:
         """Schedule, cut, compiled variants and the state held, as plain data."""
         return {"method": self.config.method, "config": config_to_dict(self.config),
-                "schedule": self.schedule.describe(), "cut": dataclasses.asdict(self.cut),
-                "cut_description": self.cut.describe(), "generation": self.generation, "step": self.step,
+                "schedule": self.schedule.describe(), "cut": dataclasses.asdict(self.cut) if self.cut else None,
+                "cut_description": self._cut_description(), "generation": self.generation, "step": self.step,
                 "variants": [v.describe() for v in self.variants.values()], "max_variants": self.config.max_variants,
                 "state_bytes": self.state_bytes()}
 

@@ -143,6 +143,36 @@ def _from_list(kinds: Sequence[object], num_steps: int | None, name: str) -> Sch
     return Schedule(name=name, kinds=tuple(str(k) for k in kinds))
 
 
+PHASE_KINDS = ("early", "late")
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """A two-phase schedule without feature caching (AT-EDM's DSAP): calls ``0 .. boundary - 1`` of a generation
+    are ``"early"``, every later call is ``"late"``. Same interface as :class:`Schedule` (``kinds`` is None: a rule).
+    """
+
+    boundary: int
+    name: str = "dsap"
+    kinds: None = None
+    length: None = None
+    first_kind: str = "early"
+
+    def kind(self, step: int) -> str:
+        """``"early"`` for the first ``boundary`` calls of a generation, ``"late"`` after."""
+        return "early" if step < self.boundary else "late"
+
+    def kinds_for(self, num_steps: int) -> tuple[str, ...]:
+        return tuple(self.kind(i) for i in range(num_steps))
+
+    def counts(self, num_steps: int) -> dict[str, int]:
+        kinds = self.kinds_for(num_steps)
+        return {k: kinds.count(k) for k in PHASE_KINDS}
+
+    def describe(self) -> str:
+        return f"{self.name}: calls 0..{self.boundary - 1} early (DSAP blocks unpruned), later calls late (all pruned)"
+
+
 def build_schedule(config: "CachingConfig") -> Schedule:
     """Validate ``config``'s schedule options together and return the :class:`Schedule` they describe."""
     sched, interval, num_steps = config.schedule, config.cache_interval, config.num_steps
@@ -167,4 +197,4 @@ def build_schedule(config: "CachingConfig") -> Schedule:
                      f"kinds {STEP_KINDS}")
 
 
-__all__ = ["Schedule", "build_schedule", "deepcache_nonuniform", "decode_dato", "PRESETS", "DATO_S_A", "DATO_S_B"]
+__all__ = ["Schedule", "PhaseSchedule", "PHASE_KINDS", "build_schedule", "deepcache_nonuniform", "decode_dato", "PRESETS", "DATO_S_A", "DATO_S_B"]

@@ -5,7 +5,7 @@ import pytest
 from graphprune.config import PLANNED_METHODS
 import torch
 
-from graphprune.config import (SiToConfig, ToMeConfig, config_from_dict, config_to_dict, method_names,
+from graphprune.config import (AtEdmConfig, SiToConfig, ToMeConfig, config_from_dict, config_to_dict, method_names,
                                parse_options)
 
 
@@ -46,7 +46,9 @@ def test_scope_forms_and_larger_cells():
 
 
 @pytest.mark.parametrize("cfg", [SiToConfig(ratio=0.7, recover="base", scope="self+cross"),
-                                 ToMeConfig(ratio=0.25, use_rand=False, max_downsample=2)])
+                                 ToMeConfig(ratio=0.25, use_rand=False, max_downsample=2),
+                                 SiToConfig(ratio=0.5, scope="block"),
+                                 AtEdmConfig(iterations=3, dsap_blocks=["mid_block.attentions.0"], dagger=True)])
 def test_json_round_trip(cfg):
     blob = json.dumps(config_to_dict(cfg))
     assert config_from_dict(blob) == cfg

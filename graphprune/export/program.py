@@ -38,7 +38,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from .. import methods  # noqa: F401  (registers the methods)
-from ..config import CachingConfig, PruneConfig, parse_options
+from ..config import PruneConfig, parse_options
 from ..methods.base import RandomSpec, method_for
 from ..passes.rewrite import prune_graph
 from ..report import GraphReport
@@ -168,10 +168,11 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     if random not in RANDOM_MODES:
         raise ValueError(f"random must be one of {RANDOM_MODES}, got {random!r}")
     cfg = config_from(options, **config)
-    if isinstance(cfg, CachingConfig):
+    if cfg.step_aware:
+        hint = " (atedm: pass dsap_phase='early' or 'late', or dsap_steps=0)" if cfg.method == "atedm" else ""
         raise NotImplementedError(f"method {cfg.method!r} is step-aware (a runtime switches graphs between denoising "
                                   "steps); export_program exports one static graph: use a per-step method (tome, "
-                                  "sito, ...)")
+                                  f"sito, ...){hint}")
     kwargs = dict(kwargs or {})
     with torch.no_grad():
         ep0 = torch.export.export(model, tuple(args), kwargs, strict=strict)

@@ -35,6 +35,11 @@ class SiteGeometry:
     level: int = 1
     #: the compiled variant's static count of always-merged tokens (CA-ToMe's budget bucket); 0 for other methods
     bucket: int = 0
+    #: the ranking attention's heads, head dim and softmax scale (methods whose plan reads attention, AT-EDM);
+    #: head_dim 0 / scale 0.0 mean "C // heads" and "head_dim ** -0.5"
+    heads: int = 1
+    head_dim: int = 0
+    scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class TokenMethod(Generic[ConfigT]):
     stateful: bool = False
     #: whether some of the K tokens must be hidden as self-attention keys (:meth:`key_bias`)
     masks_keys: bool = False
+    #: what :meth:`plan` reads: ``"metric"`` (the pre-norm block input at the pruning point) or ``"attention"``
+    #: (the query and key projections (B, N, h*d) of the ranking layer's self-attention, AT-EDM)
+    plan_source: str = "metric"
 
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
         """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
@@ -114,6 +122,10 @@ class TokenMethod(Generic[ConfigT]):
     def key_bias(self, config: ConfigT, plan: Plan) -> torch.Tensor:
         """Methods with ``masks_keys``: an additive bias (B, 1, 1, K), 0 for live keys and -inf for hidden ones."""
         raise NotImplementedError
+    def skip_region(self, config: ConfigT, geo: SiteGeometry, path: str, paths: list[str]) -> str | None:
+        """For the region form (``scope="block"``): a reason to leave the transformer stack at module ``path``
+        unpruned (``paths``: every stack of the graph, in graph order), or None to prune it."""
+        return None
 
     def reduce(self, config: ConfigT, plan: Plan, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C) -> (B, K, C)."""

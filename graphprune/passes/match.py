@@ -384,6 +384,56 @@ def find_attention_sites(graph: Graph) -> tuple[list[AttentionSite], list[Unmatc
     return sites, unmatched
 
 
+_LAYER_PATH = re.compile(r"^(?:(.*)\.)?([A-Za-z_]\w*)\.(\d+)$")
+
+
+@dataclass
+class TransformerStack:
+    """A stack of transformer layers (a ModuleList ``<path>.<name>.0 .. L-1``, e.g. the ``transformer_blocks`` of
+    a diffusers ``Transformer2DModel``) whose self-attentions the matcher proved, in layer order.
+
+    ``layers[i]`` is the module path of layer i; ``self_sites[i]`` / ``cross_sites[i]`` index into the site list
+    (``None`` where the layer has no proved attention of that kind). N, C, B and grid are those of the first layer.
+    """
+
+    path: str
+    layers: list[str]
+    self_sites: list[int | None]
+    cross_sites: list[int | None]
+    N: int
+    C: int
+    B: int
+    grid: tuple[int, int] | None
+
+
+def find_transformer_stacks(sites: list[AttentionSite]) -> list[TransformerStack]:
+    """Group sites into transformer stacks by their layer's module path (``<stack>.<list>.<i>``), in graph order.
+
+    A stack whose layer indices are not 0..L-1 (a layer without a proved self-attention) is still returned; the
+    region rewrite then finds the unproved attention inside the span and leaves the stack unchanged.
+    """
+    groups: dict[tuple[str, str], dict[int, dict[str, int]]] = {}
+    for i, s in enumerate(sites):
+        m = _LAYER_PATH.match(s.block_path)
+        if not m:
+            continue
+        layer = groups.setdefault((m.group(1) or "", m.group(2)), {}).setdefault(int(m.group(3)), {})
+        layer.setdefault(s.kind, i)
+    stacks = []
+    for (path, name), layers in groups.items():
+        idx = sorted(layers)
+        if not any("self" in layers[j] for j in idx):
+            continue
+        full = list(range(idx[-1] + 1))
+        first = sites[next(layers[j]["self"] for j in idx if "self" in layers[j])]
+        stacks.append(TransformerStack(
+            path=path, layers=[f"{path}.{name}.{j}" if path else f"{name}.{j}" for j in full],
+            self_sites=[layers.get(j, {}).get("self") for j in full],
+            cross_sites=[layers.get(j, {}).get("cross") for j in full],
+            N=first.N, C=first.C, B=first.B, grid=first.grid))
+    return stacks
+
+
 def downsample_levels(sites: list[AttentionSite], finest_tokens: int | None = None) -> dict[int, int]:
     """Per site (by index): tomesd's downsample factor ceil(sqrt(N_max // N)) relative to the finest grid
     (``finest_tokens`` if given, e.g. the whole model's when ``sites`` come from a slice of its graph)."""
@@ -394,5 +444,6 @@ def downsample_levels(sites: list[AttentionSite], finest_tokens: int | None = No
     return {i: math.ceil(math.sqrt(n_max // s.N)) for i, s in enumerate(sites) if s.grid is not None}
 
 
-__all__ = ["AttentionSite", "Projection", "Unmatched", "find_attention_sites", "find_pre_norm", "find_token_grid",
+__all__ = ["AttentionSite", "Projection", "Unmatched", "TransformerStack", "find_attention_sites",
+           "find_transformer_stacks", "find_pre_norm", "find_token_grid",
            "module_path", "downsample_levels", "node_val", "scale_factor"]

@@ -296,11 +296,20 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
         reports[i] = SiteReport(module_path=s.module_path, kind=s.kind, form=s.form, N=s.N, C=s.C, heads=s.heads,
                                 grid=s.grid, level=levels.get(i))
     sp = _Splicer(graph)
+    block_reports: list[SiteReport] = []
+    if config.scope == ("block",):  # the region form: one prune -> K-token span -> refill per transformer stack
+        from .region import rewrite_regions
+
+        block_reports, result.changed = rewrite_regions(sp, sites, levels, config, method, reports, context, missing,
+                                                        result.random_inputs)
+        sites_to_prune: list[AttentionSite] = []
+    else:
+        sites_to_prune = sites
     by_block = {}
     for i, s in enumerate(sites):
         by_block.setdefault((s.block_path, s.kind), []).append(i)
     n_rand = 0
-    for i, site in enumerate(sites):
+    for i, site in enumerate(sites_to_prune):
         rep = reports[i]
         if site.kind != "self":
             continue
@@ -391,7 +400,8 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
         if s.kind == "cross" and reports[s_i].status == "kept" and not reports[s_i].reason:
             reports[s_i].reason = "cross-attention: outside scope" if "cross" not in config.scope else \
                 "its layer's self-attention was not pruned"
-    report.sites = [r for i in range(len(sites)) for r in (reports[i], ff_reports.get(i)) if r is not None]
+    report.sites = block_reports + [r for i in range(len(sites)) for r in (reports[i], ff_reports.get(i))
+                                    if r is not None]
     report.sites += [SiteReport(module_path=u.module_path, kind="?", status="unmatched", reason=u.reason)
                      for u in unmatched]
     report.random_inputs = len(result.random_inputs)
@@ -404,8 +414,10 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
         gm.recompile()
     log.info("%s", report.summary())
     n_self = sum(1 for s in sites if s.kind == "self")
+    if config.scope == ("block",):
+        n_self = len(block_reports)
     if config.ratio > 0 and not result.changed and warn_unpruned:
-        reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?")})
+        reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?", "block")})
         log.warning("graphprune: nothing pruned in this graph (%d self-attention site(s), %d unmatched)%s",
                     n_self, len(unmatched), ": " + "; ".join(reasons[:3]) if reasons else
                     ": no attention found (is this a diffusion model with self-attention?)")
