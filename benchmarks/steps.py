@@ -63,6 +63,13 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
                          {"method": "catome", "refresh": "every5", "compiler": "eager"}),
     "catome-every1-fx": ("graphprune catome T=0.7 every call (fx)", "graphprune",
                          {"method": "catome", "refresh": 1, "compiler": "eager"}),
+    # T = 0.4: on random weights T = 0.7 merges almost nothing (0.04% at the first step, latent 32); 0.4 merges ~67%
+    "catome0.4-config3-fx": ("graphprune catome T=0.4 config3 (fx)", "graphprune",
+                             {"method": "catome", "threshold": 0.4, "refresh": "config3", "compiler": "eager"}),
+    "catome0.4-every5-fx": ("graphprune catome T=0.4 every5 (fx)", "graphprune",
+                            {"method": "catome", "threshold": 0.4, "refresh": "every5", "compiler": "eager"}),
+    "catome0.4-every1-fx": ("graphprune catome T=0.4 every call (fx)", "graphprune",
+                            {"method": "catome", "threshold": 0.4, "refresh": 1, "compiler": "eager"}),
     "tome-matched-fx": ("graphprune tome r=catome's mean (fx)", "graphprune",
                         {"method": "tome", "ratio": None, "compiler": "eager"}),
     "DeepCache3": ("DeepCache pkg N=3 (eager)", "peer", {"cache_interval": 3}),

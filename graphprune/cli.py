@@ -24,6 +24,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None,
                    help="deepcache/dato: uniform | deepcache-nonuniform | dato-imagenet | dato-coco")
     p.add_argument("--cache-branch", type=int, default=None, help="deepcache/dato: where the UNet is cut (default 0)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method option, VALUE parsed as JSON when it can be (repeatable), e.g. "
+                        "--option threshold=0.7 --option refresh=config3 (catome)")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -32,6 +35,14 @@ def _options(args: argparse.Namespace) -> dict:
     for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    for item in getattr(args, "option", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value  # a bare string, e.g. refresh=config3
     return options
 
 

@@ -30,6 +30,15 @@ def test_cli_inspect_tiny(tmp_path):
     assert (tmp_path / "r.json").exists()
 
 
+def test_cli_inspect_catome_with_generic_options():
+    res = run_cli("inspect", "--arch", "tiny", "--latent", "16", "--method", "catome", "--option", "threshold=-1",
+                  "--option", "refresh=config3", "--option", "use_rand=false")
+    assert res.returncode == 0, res.stderr
+    assert "runtime[catome]" in res.stdout and "variant refresh" in res.stdout
+    res = run_cli("inspect", "--arch", "tiny", "--latent", "16", "--method", "catome", "--option", "refresh=config9")
+    assert res.returncode != 0 and "unknown refresh preset" in res.stderr
+
+
 def test_cli_rejects_unknown_method():
     res = run_cli("inspect", "--arch", "tiny", "--latent", "16", "--method", "fancy")
     assert res.returncode != 0 and "valid methods" in res.stderr
