@@ -135,7 +135,13 @@ def cmd_bench_pareto(args: argparse.Namespace) -> int:
     from .bench.pareto import run_from_args
 
     logging.getLogger("graphprune.bench").setLevel(getattr(logging, args.log_level.upper()))
-    return run_from_args(args)
+    try:
+        table, code = run_from_args(args)
+    except ValueError as exc:  # a bad option: the reason, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + table, flush=True)  # the command's output; the library only logs
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

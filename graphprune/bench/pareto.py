@@ -815,23 +815,18 @@ def replot(path: str | Path, opts: ParetoOptions) -> dict[str, Any]:
     return result
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run from parsed arguments; a bad option prints the reason and returns 2."""
+def run_from_args(args: argparse.Namespace) -> tuple[str, int]:
+    """Run from parsed arguments -> (the table, the exit code); the command prints the table. A bad option raises
+    ``ValueError`` (the command reports it and exits with 2)."""
     opts = options_from_args(args)
     if args.replot:
-        print("\n" + replot(args.replot, opts)["table"], flush=True)
-        return 0
-    try:
-        check(opts)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return replot(args.replot, opts)["table"], 0
+    check(opts)
     result = run(opts)
-    print("\n" + result["table"], flush=True)  # the command's output; the library functions only log
     failed = [p["label"] for p in result["points"] if "Traceback" in p.get("error", "")]
     if failed:
         log.error("failed points: %s", failed)
-    return 1 if failed else 0
+    return result["table"], 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -841,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_from_args(args)
+    from ..cli import cmd_bench_pareto  # the command prints; this module only logs
+
+    return cmd_bench_pareto(args)
 
 
 __all__ = ["ParetoOptions", "pareto_front", "resolve_methods", "run", "run_sweep", "main", "add_arguments",
