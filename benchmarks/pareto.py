@@ -5,7 +5,7 @@
     python benchmarks/pareto.py --arch sd15 --latent 32 --steps 20 -o results/pareto_sd15_32
     python benchmarks/pareto.py --model /path/to/local/pipeline --prompts prompts.txt -o results/real
 
-The same as ``graphprune bench pareto``; the logic lives in graphprune/bench/pareto.py. See benchmarks/README.md.
+The same as ``graphprune bench pareto`` (graphprune/cli.py); the logic lives in graphprune/bench/pareto.py. See benchmarks/README.md.
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 # import the graphprune of this checkout (not another installed copy)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graphprune.bench.pareto import main  # noqa: E402
+from graphprune.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "pareto", *sys.argv[1:]]))

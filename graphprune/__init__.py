@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
-from .config import (CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, PruneConfig, RandomConfig, SiToConfig, ToDoConfig,
-                     ToMeConfig, config_from_dict, config_to_dict, method_names, parse_options)
-from .methods import registered_methods
+from .config import PruneConfig, config_to_dict
+from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, RandomConfig, SiToConfig,
+                      ToDoConfig, ToMeConfig, TokenMethod, config_from_dict, method_names, parse_options,
+                      register_method, registered_methods)
 from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
-from .match_cache import MatchCacheRuntime
-from .runtime import StepRuntime, reset, runtimes
+from .runtime import MatchCacheRuntime, Runtime, StepRuntime, reset, runtimes
 from .schedule import Schedule, build_schedule
 
 __version__ = "0.1.0"
@@ -55,14 +55,14 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
         for fn in made:
             if isinstance(fn, StepRuntime):
                 fn.build_variants()  # eager: the shallow graph too, without running it
-                infos.append(fn.describe())
-            elif isinstance(fn, MatchCacheRuntime):
+            if isinstance(fn, Runtime):
                 infos.append(fn.describe())
     return InspectReport(graphs=graphs, runtimes=infos)
 
 
-__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "StepRuntime", "MatchCacheRuntime", "Schedule", "build_schedule",
-           "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig", "SiToConfig", "CachingConfig",
-           "DeepCacheConfig", "DaToConfig", "ToDoConfig", "RandomConfig",
-           "parse_options", "config_to_dict", "config_from_dict", "method_names", "registered_methods",
-           "GraphReport", "InspectReport", "SiteReport", "__version__"]
+__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "Runtime", "StepRuntime", "MatchCacheRuntime",
+           "Schedule", "build_schedule", "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig",
+           "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig", "DaToConfig",
+           "CaToMeConfig", "AtEdmConfig", "TokenMethod", "register_method", "parse_options", "config_to_dict",
+           "config_from_dict", "method_names", "registered_methods", "GraphReport", "InspectReport", "SiteReport",
+           "__version__"]

@@ -2,7 +2,10 @@
 
     torch.compile(unet, backend="graphprune", options={"method": "sito", "ratio": 0.5})
 
-options -> typed config -> match + rewrite (:mod:`graphprune.passes`) -> the inner compiler (Inductor by default).
+options -> typed config (:func:`graphprune.methods.parse_options`) -> match + rewrite (:mod:`graphprune.passes`) ->
+the inner compiler (Inductor by default). The method says whether a config needs a runtime across denoising steps
+(:meth:`~graphprune.methods.base.TokenMethod.runtime`); the backend looks that runtime up in
+:data:`graphprune.runtime.RUNTIMES` and returns it instead of one compiled graph.
 Methods that need randomness get it as extra graph inputs, drawn on every call from graphprune's own generator
 (seeded by the config), so the user's RNG stream is never touched and no RNG runs inside the graph.
 """
@@ -13,17 +16,15 @@ import collections
 import logging
 from typing import Any, Callable
 
-import torch
 from torch.fx import GraphModule
 
-from . import methods  # noqa: F401  (registers the methods)
-from .config import CaToMeConfig, PruneConfig, parse_options, with_overrides
+from .config import PruneConfig, with_overrides
 from .inner import RandomFeed, compile_inner
-from .methods.base import method_for
+from .methods import method_for, parse_options
 from .passes.cut import copy_graph_module
 from .passes.rewrite import RewriteResult, prune_graph
 from .report import GraphReport
-from .runtime import StepRuntime
+from .runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +51,20 @@ def graphprune_backend(gm: GraphModule, example_inputs: list[Any], options: Any 
                        register_runtime: bool = True) -> Callable[..., Any]:
     """torch.compile backend: ``options`` is a dict (``{"method": "sito", "ratio": 0.5, ...}``) or a config.
 
-    ``reports`` (Python callers only) receives the :class:`GraphReport` of every graph compiled. Step-aware methods
-    (``deepcache``, ``dato``) return a :class:`~graphprune.runtime.StepRuntime`; ``register_runtime=False`` keeps it
-    out of the registry that ``graphprune.reset(model)`` searches (``inspect`` uses that).
+    ``reports`` (Python callers only) receives the :class:`GraphReport` of every graph compiled. Configs that need a
+    runtime across steps (``deepcache``, ``dato``, ``catome``, AT-EDM's DSAP) return a
+    :class:`~graphprune.runtime.Runtime`; ``register_runtime=False`` keeps it out of the registry that
+    ``graphprune.reset(model)`` searches (``inspect`` uses that).
     """
     config = parse_options(options)
     if mode is not None and mode != "default":
         config = with_overrides(config, mode=mode)
-    if config.step_aware:  # caching methods, AT-EDM's DSAP: a runtime that picks a compiled variant per step
-        runtime = StepRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
-                              register=register_runtime)
-        return runtime
-    if isinstance(config, CaToMeConfig):
-        if config.threshold < 1:  # T >= 1 merges nothing (the official code returns identity): plain compile below
-            from .match_cache import MatchCacheRuntime
-
-            return MatchCacheRuntime(gm, list(example_inputs), config, reports=reports, all_reports=REPORTS,
-                                     register=register_runtime)
-        log.info("graphprune[catome]: threshold %g >= 1 merges nothing; compiling the graph unchanged",
-                 config.threshold)
-        config = with_overrides(config, ratio=0.0)
-    if config.ratio > 0:
+    method = method_for(config)
+    runtime = method.runtime(config)
+    if runtime != "none":
+        return RUNTIMES[runtime](gm, list(example_inputs), config, method, reports=reports, all_reports=REPORTS,
+                                 register=register_runtime)
+    if method.unchanged_reason(config) is None:
         gm = copy_graph_module(gm)
     result = rewrite(gm, config, reports)
     if not result.random_inputs:

@@ -1,14 +1,18 @@
-"""Inner compilation shared by the backend and the step-aware runtime: the inner compiler and the random feed.
+"""Inner compilation shared by the backend, the runtimes and export: the inner compilers (Inductor, eager,
+aot_eager, torch-tensorrt) and the random feed.
 
 Methods that need randomness get it as extra graph inputs, drawn on every call from graphprune's own generator
 (seeded by the config), so the user's RNG stream is never touched and no RNG runs inside a graph.
+
+torch-tensorrt is an optional extra, imported lazily (and only here and in :mod:`graphprune.export.tensorrt`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch.export import ExportedProgram
 from torch.fx import GraphModule
 
 from .config import PruneConfig
@@ -52,9 +56,7 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     """Hand the (rewritten) graph to the configured inner compiler."""
     if config.compiler == "eager":
         return gm.forward
-    if config.compiler == "tensorrt":  # same path as graphprune.export.to_tensorrt
-        from .export.tensorrt import compile_graph
-
+    if config.compiler == "tensorrt":  # same compile call as graphprune.export.to_tensorrt
         return compile_graph(gm, example_inputs)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
@@ -66,4 +68,79 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-__all__ = ["RandomFeed", "compile_inner"]
+INSTALL_HINT = ("TensorRT export needs an NVIDIA GPU with CUDA and torch-tensorrt built for your torch "
+                "(torch {torch} -> torch-tensorrt {minor}.*): pip install 'graphprune[tensorrt]'")
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT cannot run here (no CUDA, or torch-tensorrt missing), or None when it can."""
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    hint = INSTALL_HINT.format(torch=torch.__version__, minor=minor)
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__}); {hint}"
+    try:
+        import torch_tensorrt  # noqa: F401
+    except ImportError as exc:
+        return f"torch_tensorrt is not importable ({exc}); {hint}"
+    return None
+
+
+def require_tensorrt() -> Any:
+    """Import and return ``torch_tensorrt``, or raise RuntimeError saying what to install."""
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    import torch_tensorrt
+
+    return torch_tensorrt
+
+
+def tensorrt_compile(ep: ExportedProgram, arg_inputs: list[Any], kwarg_inputs: dict[str, Any],
+                     **compile_options: Any) -> torch.nn.Module:
+    trt = require_tensorrt()
+    return trt.dynamo.compile(ep, arg_inputs=arg_inputs, kwarg_inputs=kwarg_inputs, **compile_options)
+
+
+class _FrozenParams(torch.nn.Module):
+    """A Dynamo graph whose parameter inputs become module parameters again (so export lifts them as weights,
+    which TensorRT folds into the engine, instead of runtime inputs). forward takes the other inputs only."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], param_positions: list[int]):
+        super().__init__()
+        self.gm = gm
+        self.n = len(example_inputs)
+        self.param_positions = param_positions
+        for j, i in enumerate(param_positions):
+            self.register_parameter(f"p{j}", torch.nn.Parameter(example_inputs[i].detach(), requires_grad=False))
+
+    def forward(self, *inputs: Any) -> Any:
+        it = iter(inputs)
+        params = {i: getattr(self, f"p{j}") for j, i in enumerate(self.param_positions)}
+        full = [params[i] if i in params else next(it) for i in range(self.n)]
+        return self.gm(*full)
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                  compile_options: Mapping[str, Any] | None = None,
+                  compile_fn: Callable[..., torch.nn.Module] | None = None) -> Callable[..., Any]:
+    """The backend's ``compiler="tensorrt"``: export the (rewritten) Dynamo graph with its parameters as weights,
+    compile it with ``torch_tensorrt.dynamo.compile``, and return a callable taking Dynamo's full argument list."""
+    if compile_fn is None:
+        require_tensorrt()
+    positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    frozen = _FrozenParams(gm, list(example_inputs), positions)
+    user = [x for i, x in enumerate(example_inputs) if i not in set(positions)]
+    with torch.no_grad():
+        ep = torch.export.export(frozen, tuple(user), strict=False)
+    compile_fn = compile_fn or tensorrt_compile
+    engine = compile_fn(ep, arg_inputs=user, kwarg_inputs={}, **dict(compile_options or {}))
+    drop = set(positions)
+
+    def run(*args: Any) -> Any:
+        return engine(*[a for i, a in enumerate(args) if i not in drop])
+
+    return run
+
+
+__all__ = ["RandomFeed", "compile_inner", "compile_graph", "tensorrt_compile", "tensorrt_unavailable",
+           "require_tensorrt"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .config import PruneConfig, parse_options
+from .config import PruneConfig
+from .methods import parse_options
 from .runtime import reset
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .config import STEP_KINDS
-
-if TYPE_CHECKING:
-    from .config import CachingConfig
-
+STEP_KINDS = ("full", "shallow", "reuse")
 DEFAULT_INTERVAL = 3
 
 # DaTo's two cache strategies as shipped in its repository (research/dato.md section 2), in the code's encoding:
@@ -173,8 +169,8 @@ class PhaseSchedule:
         return f"{self.name}: calls 0..{self.boundary - 1} early (DSAP blocks unpruned), later calls late (all pruned)"
 
 
-def build_schedule(config: "CachingConfig") -> Schedule:
-    """Validate ``config``'s schedule options together and return the :class:`Schedule` they describe."""
+def build_schedule(config: Any) -> Schedule:
+    """Validate a caching config's schedule options together and return the :class:`Schedule` they describe."""
     sched, interval, num_steps = config.schedule, config.cache_interval, config.num_steps
     if isinstance(sched, (list, tuple)):
         if interval is not None:
@@ -197,4 +193,4 @@ def build_schedule(config: "CachingConfig") -> Schedule:
                      f"kinds {STEP_KINDS}")
 
 
-__all__ = ["Schedule", "PhaseSchedule", "PHASE_KINDS", "build_schedule", "deepcache_nonuniform", "decode_dato", "PRESETS", "DATO_S_A", "DATO_S_B"]
+__all__ = ["STEP_KINDS", "Schedule", "PhaseSchedule", "PHASE_KINDS", "build_schedule", "deepcache_nonuniform", "decode_dato", "PRESETS", "DATO_S_A", "DATO_S_B"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from graphprune.config import AtEdmConfig, parse_options
+from graphprune.methods import AtEdmConfig, parse_options
 from graphprune.methods.atedm import dsap_blocks
 from graphprune.methods.gwpr import copy_sources, gwpr_scores, select_kept
 from helpers import compile_with, rel_err

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import models
-from graphprune.config import CaToMeConfig, parse_options
+from graphprune.methods import CaToMeConfig, parse_options
 from graphprune.methods import SiteGeometry, registered_methods
 from graphprune.passes.ops import node_val
-from graphprune.refresh import build_refresh
+from graphprune.methods.refresh import build_refresh
 from graphprune.runtime import runtimes
 from helpers import rel_err
 

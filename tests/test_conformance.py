@@ -1,54 +1,31 @@
-"""One suite over every registered method: a new method cannot skip it.
+"""One suite over every registered method: a new method cannot skip it, and the suite needs no edit for it.
 
-"K kept tokens" is the budget of the rewrite form: tokens the attention runs on (form "tokens"), or the keys and
-values all N queries attend to (form "kv", ToDo).
+The suite asks each method what to expect instead of knowing it: the budget K (:meth:`TokenMethod.budget`), the
+rewrite form (``form``: "tokens" reduce -> attend -> restore; "kv" keys/values only), whether it removes tokens at
+all (``prunes_tokens``), which runtime a config needs (:meth:`TokenMethod.runtime`) and the options under which every
+call runs the same pruned graph (:meth:`TokenMethod.every_step_options`). The independent formulas for each
+method's K are tested in the method's own test file.
 """
-
-import math
 
 import pytest
 import torch
 
 import models
-from graphprune.methods import SiteGeometry, registered_methods
-from graphprune.config import CachingConfig, CaToMeConfig, config_fields, parse_options
+from graphprune.config import config_fields
+from graphprune.methods import SiteGeometry, SiteSkip, parse_options, registered_methods
 from helpers import compile_with, rel_err
 
 METHODS = sorted(registered_methods())
-#: methods whose backend is the step-aware runtime: run here with every step full (cache_interval=1), so the suite
-#: checks their pruning; their caching is tested in test_steps.py
-STEP_AWARE = {m for m in METHODS if isinstance(parse_options({"method": m}), CachingConfig)}
-#: methods whose merge count follows a threshold (catome): here they run their fixed-count form (exact=False,
-#: fixed_ratio=ratio), so "ratio" means what it means for the others; the threshold form is tested in test_catome.py
-THRESHOLD = {m for m in METHODS if isinstance(parse_options({"method": m}), CaToMeConfig)}
+TOKEN_METHODS = [m for m in METHODS if registered_methods()[m].prunes_tokens]
 
 
-#: region methods (scope "block" only, AT-EDM): they prune transformer stacks, not single attentions; DSAP's two
-#: variants over steps are tested in test_atedm.py, here every step runs the all-pruned graph (dsap_steps=0)
-REGION_ONLY = {m for m in METHODS if parse_options({"method": m}).scope == ("block",)}
+def impl(method: str):
+    return registered_methods()[method]
 
 
-def model_options(method: str, **options):
-    """Options for a whole-model test: step-aware methods run every step full; threshold methods a fixed ratio;
-    AT-EDM prunes at every step and only the finest level, like the others' default ``max_downsample=1``."""
-    extra = {"cache_interval": 1} if method in STEP_AWARE else {}
-    if method in THRESHOLD and options.get("ratio", 0) > 0:
-        extra = {"exact": False, "fixed_ratio": options["ratio"], "refresh": 1}
-    if method in REGION_ONLY:
-        extra = {"dsap_steps": 0, "max_downsample": 1}
-    return {"method": method, **options, **extra}
-
-
-def expected_k(method: str, H: int, W: int, ratio: float) -> int:
-    """The documented budget: N - int(N * ratio) kept tokens, or for form "kv" (ToDo) the keys/values of an
-    (H // f) x (W // f) grid when ratio = 1 - 1/f**2, else of a round(H * s) x round(W * s) grid, s = sqrt(1 - ratio)."""
-    if registered_methods()[method].form == "kv":
-        f = round((1 - ratio) ** -0.5)
-        if abs(1 - 1 / f ** 2 - ratio) < 1e-9:
-            return (H // f) * (W // f)
-        s = math.sqrt(1 - ratio)
-        return math.floor(H * s + 0.5) * math.floor(W * s + 0.5)
-    return H * W - int(H * W * ratio)
+def every_step(method: str, ratio: float, **options) -> dict:
+    """Options of a whole-model test: the method's every-step form at ``ratio``, the finest level only."""
+    return {"method": method, **impl(method).every_step_options(ratio), "max_downsample": 1, **options}
 
 
 def seeded(method: str, seed: int) -> dict:
@@ -57,7 +34,8 @@ def seeded(method: str, seed: int) -> dict:
 
 
 def test_registry_is_collected():
-    assert {"tome", "sito", "todo", "random"} <= set(METHODS)
+    assert {"tome", "sito", "todo", "random", "deepcache", "dato", "catome", "atedm"} <= set(METHODS)
+    assert len(TOKEN_METHODS) == len(METHODS) - 1  # deepcache caches features, it prunes no token
 
 
 @pytest.fixture(scope="module")
@@ -69,59 +47,96 @@ def tiny():
 @pytest.mark.parametrize("method", METHODS)
 def test_identity_at_ratio_zero(method, tiny):
     model, args = tiny
-    fast, cap = compile_with(model, **model_options(method, ratio=0.0))
+    fast, cap = compile_with(model, **every_step(method, 0.0))
     assert torch.equal(fast(*args).sample, model(*args).sample)
+    assert cap.reports and all(r.count("pruned") == 0 for r in cap.reports)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 @pytest.mark.parametrize("H,W", [(12, 10), (7, 9)])
 def test_static_budget_and_shapes(method, ratio, H, W):
-    impl = registered_methods()[method]
-    cfg = parse_options({"method": method, "ratio": ratio})
-    # a threshold method's compiled variant fixes its budget bucket: the one of this ratio
-    geo = SiteGeometry(B=2, N=H * W, C=8, H=H, W=W, bucket=int(H * W * ratio) if method in THRESHOLD else 0)
-    if ratio > 1 - (H // 2) * (W // 2) / geo.N:
-        pytest.skip("more tokens than the non-base ones")
-    K = impl.budget(cfg, geo)
-    assert K == expected_k(method, geo.H, geo.W, ratio)
-    metric = torch.randn(2, geo.N, 8)
-    state = [torch.randn(2, 4, H, W) for _ in impl.context_inputs]  # cross-step state, e.g. DaTo's eps history
-    rand = [torch.randn(s.shape) if s.kind == "normal" else torch.randint(s.high, s.shape)
-            for s in impl.random_inputs(cfg, geo)]
-    # AT-EDM plans from the ranking attention's q and k (B, N, h*d) instead of a metric: here one head each
-    sources = [metric, torch.randn(2, geo.N, 8)] if impl.plan_source == "attention" else [metric]
-    plan = impl.plan(cfg, geo, *sources, *state, *rand)
-    x = torch.randn(2, geo.N, 5)
-    reduced = impl.reduce(cfg, plan, x)
-    assert reduced.shape == (2, K, 5)
-    if impl.form == "kv":  # keys/values only: the attention output already has N tokens
+    m = impl(method)
+    if not m.prunes_tokens:
+        with pytest.raises(ValueError, match="ratio"):  # a method that prunes nothing refuses a ratio
+            parse_options({"method": method, "ratio": ratio})
+        cfg = parse_options({"method": method})
+        with pytest.raises(SiteSkip):
+            m.budget(cfg, SiteGeometry(B=2, N=H * W, C=8, H=H, W=W))
         return
-    restored = impl.restore(cfg, plan, reduced)
+    options = {"method": method, **m.every_step_options(ratio)}
+    try:
+        cfg = parse_options(options)
+    except ValueError as exc:  # a ratio above the method's cap for its cells: the message names the fix
+        assert "ratio" in str(exc)
+        return
+    geo = SiteGeometry(B=2, N=H * W, C=8, H=H, W=W, bucket=int(H * W * ratio) if m.stateful else 0)
+    try:
+        K = m.budget(cfg, geo)
+    except SiteSkip as exc:  # e.g. more pruned tokens than non-base ones on this grid
+        assert str(exc)
+        return
+    assert isinstance(K, int) and 1 <= K < geo.N
+    metric = torch.randn(2, geo.N, 8)
+    state = [torch.randn(2, 4, H, W) for _ in m.context_inputs]  # cross-step state, e.g. DaTo's eps history
+    rand = [torch.randn(s.shape) if s.kind == "normal" else torch.randint(s.high, s.shape)
+            for s in m.random_inputs(cfg, geo)]
+    # AT-EDM plans from the ranking attention's q and k (B, N, h*d) instead of a metric: here one head each
+    sources = [metric, torch.randn(2, geo.N, 8)] if m.plan_source == "attention" else [metric]
+    plan = m.plan(cfg, geo, *sources, *state, *rand)
+    again = m.plan(cfg, geo, *sources, *state, *rand)
+    assert all(torch.equal(a, b) for a, b in zip(plan, again))  # deterministic given its inputs
+    x = torch.randn(2, geo.N, 5)
+    reduced = m.reduce(cfg, plan, x)
+    assert reduced.shape == (2, K, 5)
+    if m.form == "kv":  # keys/values only: the attention output already has N tokens
+        return
+    restored = m.restore(cfg, plan, reduced)
     assert restored.shape == x.shape and torch.isfinite(restored).all()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TOKEN_METHODS)
 def test_pruned_model_is_close_but_different_and_compiles_once(method, tiny):
     model, (sample, t, ctx) = tiny
-    fast, cap = compile_with(model, **model_options(method, ratio=0.5))
+    fast, cap = compile_with(model, **every_step(method, 0.5))
     ref = model(sample, t, ctx).sample
     for step in torch.linspace(999, 0, 10).long():
         out = fast(sample, step, ctx).sample
     out = fast(sample, t, ctx).sample
-    # the three 16x16 stacks of the tiny UNet; AT-EDM's self-attention ranks (all N), its span starts after it
-    kind = "block" if method in REGION_ONLY else "self"
-    assert len(cap.reports) == 1 and cap.report.count("pruned", kind) == 3
-    # a region also drops the pruned tokens' cross-attention and feed-forward updates (random weights: larger error;
-    # exactness against a reference is in test_atedm.py)
-    bound = 1.0 if method in REGION_ONLY else 0.5
+    assert len(cap.reports) == 1, "one graph, compiled once over 11 timesteps"
+    report = cap.report
+    # the three 16x16 transformer stacks of the tiny UNet: their self-attentions, or the stacks (region form)
+    kind = "block" if report.count("pruned", "block") else "self"
+    assert report.count("pruned", kind) == 3
+    cfg = parse_options({"method": method, **report.config["_data"]})
+    geo = SiteGeometry(B=2, N=256, C=32, H=16, W=16)
+    if impl(method).stateful:  # a carried plan's compiled variant fixes its count (its bucket)
+        geo = SiteGeometry(B=2, N=256, C=32, H=16, W=16, bucket=impl(method).fixed_bucket(cfg, geo))
+    assert {s.K for s in report.pruned if s.kind == kind} == {impl(method).budget(cfg, geo)}
+    # a region also drops the pruned tokens' cross-attention and feed-forward updates (random weights: larger error)
+    bound = 1.0 if kind == "block" else 0.5
     assert torch.isfinite(out).all() and 1e-4 < rel_err(out, ref) < bound
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if impl(m).runtime(parse_options({"method": m})) != "none"])
+def test_runtime_generations_are_reproducible_and_compile_once(method, tiny):
+    """Methods whose default config needs a runtime across steps (caching, carried matches, phases): two
+    generations of 12 steps give identical outputs, Dynamo traces once, and some step differs from the UNet."""
+    model, (sample, _, ctx) = tiny
+    torch._dynamo.utils.counters.clear()
+    fast, cap = compile_with(model, method=method, **seeded(method, 3))
+    steps = torch.linspace(999, 0, 12).long()
+    runs = [[fast(sample, t, ctx).sample for t in steps] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    ref = [model(sample, t, ctx).sample for t in steps]
+    assert max(rel_err(o, r) for o, r in zip(runs[0], ref)) > 1e-4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_compiles_the_rewrite(method, tiny):
     model, args = tiny
-    opts = model_options(method, ratio=0.5, **seeded(method, 7))
+    opts = every_step(method, 0.5 if impl(method).prunes_tokens else 0.0, **seeded(method, 7))
     eager, _ = compile_with(model, **opts)
     expected = eager(*args).sample
     torch._dynamo.reset()
@@ -155,21 +170,40 @@ def test_aot_eager_compiler(tiny):
     torch.testing.assert_close(fast(*args).sample, expected)
 
 
+def _runs_on_a_bare_attention(method: str) -> str | None:
+    """Why a method cannot prune the hand-written attention block (no timestep, no transformer stack), or None."""
+    m = impl(method)
+    if not m.prunes_tokens:
+        return "prunes no token"
+    cfg = parse_options(every_step(method, 0.5))
+    if m.runtime(cfg) != "none" or m.context_inputs:
+        return "needs a UNet: its state comes from earlier denoising steps (timestep input, noise predictions)"
+    if cfg.scope == ("block",):
+        return "prunes a span of a transformer stack; the bare attention module has no stack"
+    return None
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_on_an_odd_grid(method):
     """7 x 9 tokens: leftover rows/columns that fill no 2 x 2 cell (constant index tables inside the graph)."""
-    if method in STEP_AWARE | THRESHOLD:
-        pytest.skip("step-aware methods need a UNet (timestep input, up path); their odd grids are covered by "
-                    "test_static_budget_and_shapes and test_steps.py")
-    if method in REGION_ONLY:
-        pytest.skip("AT-EDM prunes a span after a layer of a transformer stack; this bare attention module has no "
-                    "stack (odd grids: test_static_budget_and_shapes; whole UNets: test_atedm.py)")
+    why = _runs_on_a_bare_attention(method)
     block = models.HandAttentionBlock().eval()
     img = torch.randn(2, 4, 7, 9)
-    opts = {"method": method, "ratio": 0.5, **seeded(method, 2)}
+    opts = every_step(method, 0.5 if impl(method).prunes_tokens else 0.0, **seeded(method, 2))
+    if why is not None:  # the method must then leave the block unchanged or refuse it clearly, never break it
+        fast, cap = compile_with(block, **opts)
+        if impl(method).runtime(parse_options(opts)) != "none":
+            with pytest.raises(Exception, match="timestep"):
+                fast(img)
+        else:
+            torch.testing.assert_close(fast(img), block(img), rtol=0, atol=0)
+            assert cap.report.count("pruned") == 0 and all(s.reason for s in cap.report.sites)
+        pytest.skip(f"{method}: {why} (odd grids: test_static_budget_and_shapes)")
     eager, cap = compile_with(block, **opts)
     expected = eager(img)
-    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == expected_k(method, 7, 9, 0.5)
+    cfg = parse_options(opts)
+    geo = SiteGeometry(B=2, N=63, C=32, H=7, W=9)
+    assert cap.report.sites[0].grid == (7, 9) and cap.report.sites[0].K == impl(method).budget(cfg, geo)
     torch._dynamo.reset()
     fast = torch.compile(block, backend="graphprune", options=opts)
     torch.testing.assert_close(fast(img), expected, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import graphprune
-from graphprune.config import CachingConfig, parse_options
+from graphprune.methods import CachingConfig, parse_options
 from graphprune.archs import ARCHS, TRANSFORMERS, build_model, example_inputs
 from graphprune.methods import registered_methods
 from graphprune.passes.match import find_attention_sites

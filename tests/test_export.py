@@ -235,10 +235,10 @@ def test_tensorrt_plumbing_with_a_cpu_stand_in(args, new, program, backend_calls
 def test_backend_compiler_tensorrt_with_a_cpu_stand_in(tiny, new, backend_calls, monkeypatch):
     """options={"compiler": "tensorrt"} goes through compile_graph: the Dynamo graph's parameters become weights
     again (not runtime inputs) and the random inputs stay graph inputs fed by the backend."""
-    import graphprune.export.tensorrt as trt_module
+    import graphprune.inner as inner
 
-    monkeypatch.setattr(trt_module, "require_tensorrt", lambda: None)
-    monkeypatch.setattr(trt_module, "_default_compile", _cpu_compile)
+    monkeypatch.setattr(inner, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(inner, "tensorrt_compile", _cpu_compile)
     fast = torch.compile(tiny, backend="graphprune", options={"method": "sito", "ratio": 0.5, "compiler": "tensorrt"})
     outs = [fast(*new).sample for _ in range(2)]
     for out, ref in zip(outs, backend_calls("sito")):

@@ -13,6 +13,7 @@ import graphprune
 import models
 from graphprune.archs import build_unet, example_inputs
 from graphprune.bench import pareto
+from graphprune.cli import main as cli_main
 from graphprune.bench.ddim import (LoopSpec, ddim_loop, loop_start, loop_timesteps, make_scheduler, model_output,
                                    rel_error, with_sample_and_timestep)
 
@@ -121,7 +122,7 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
     """--quick with every step of the harness; the speed part uses compiler=eager here to keep the suite fast
     (test_quick_sweep_under_inductor covers the Inductor speed path)."""
     out = tmp_path / "res"
-    rc = pareto.main(["--quick", "--methods", "tome,sito", "--speed-compiler", "eager", "-o", str(out),
+    rc = cli_main(["bench", "pareto", "--quick", "--methods", "tome,sito", "--speed-compiler", "eager", "-o", str(out),
                       "--log-level", "WARNING"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -133,7 +134,7 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
     assert all(p["bounds"]["flop"] > 1 for p in result["points"])
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "pareto.txt").read_text() == result["table"] + "\n"
     # --replot rebuilds front, table and plot from the JSON alone
-    assert pareto.main(["--replot", str(out / "pareto.json"), "-o", str(tmp_path / "again")]) == 0
+    assert cli_main(["bench", "pareto", "--replot", str(out / "pareto.json"), "-o", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "pareto.json").read_text())
     assert again["table"] == result["table"] and again["front"] == result["front"]
     assert (tmp_path / "again" / "pareto.png").exists()
@@ -142,7 +143,7 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_sweep_under_inductor(tmp_path):
     out = tmp_path / "res"
-    rc = pareto.main(["--quick", "--methods", "tome", "--ratios", "0.5", "--no-tomesd", "--no-flops",
+    rc = cli_main(["bench", "pareto", "--quick", "--methods", "tome", "--ratios", "0.5", "--no-tomesd", "--no-flops",
                       "--keep-inductor-cache", "-o", str(out), "--log-level", "WARNING"])
     assert rc == 0
     result = json.loads((out / "pareto.json").read_text())
@@ -196,7 +197,7 @@ def test_model_path_with_prompts(tiny_pipeline, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of an astronaut\n# a comment\n\na red rocket on a launch pad\n")
     out = tmp_path / "res"
-    rc = pareto.main(["--model", str(tiny_pipeline), "--prompts", str(prompts), "--latent", "16", "--quick",
+    rc = cli_main(["bench", "pareto", "--model", str(tiny_pipeline), "--prompts", str(prompts), "--latent", "16", "--quick",
                       "--methods", "tome", "--speed-compiler", "eager", "--no-flops", "--inception",
                       str(tmp_path / "missing.pth"), "-o", str(out), "--log-level", "WARNING"])
     assert rc == 0
@@ -223,7 +224,7 @@ def test_model_path_with_precomputed_embeddings(tiny_pipeline, tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.save({"prompt_embeds": torch.randn(3, 77, 32, generator=g)}, emb)
     out = tmp_path / "res"
-    rc = pareto.main(["--model", str(tiny_pipeline), "--prompt-embeds", str(emb), "--latent", "16", "--quick",
+    rc = cli_main(["bench", "pareto", "--model", str(tiny_pipeline), "--prompt-embeds", str(emb), "--latent", "16", "--quick",
                       "--methods", "sito", "--no-tomesd", "--no-speed", "-o", str(out), "--log-level", "WARNING"])
     assert rc == 0
     result = json.loads((out / "pareto.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import models
-from graphprune.config import DaToConfig, DeepCacheConfig, parse_options
+from graphprune.methods import DaToConfig, DeepCacheConfig, parse_options
 from graphprune.methods import registered_methods
 from graphprune.passes.cut import find_cut
 from graphprune.runtime import runtimes

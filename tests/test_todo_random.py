@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import models
 from graphprune.backend import RandomFeed, graphprune_backend
-from graphprune.config import RandomConfig, ToDoConfig, parse_options
+from graphprune.methods import RandomConfig, ToDoConfig, parse_options
 from graphprune.methods import SiteGeometry
 from graphprune.methods.random import RandomPrune
 from graphprune.methods.todo import ToDo, pick

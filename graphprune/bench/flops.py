@@ -46,13 +46,12 @@ def graph_flops(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
     Returns {"total": all FLOPs, "side": FLOPs of the plan nodes, "graphs": graphs traced, "reports": site reports}.
     Step-aware configs must pin one variant (AT-EDM: ``dsap_phase="early"`` / ``"late"``, or ``dsap_steps=0``).
     """
-    from ..config import parse_options
-    from ..methods.base import method_for
+    from ..methods import method_for, parse_options
     from ..passes.cut import copy_graph_module
     from ..passes.rewrite import prune_graph
 
     config = parse_options(dict(options or {"method": "tome", "ratio": 0.0}))
-    if config.step_aware:
+    if method_for(config).runtime(config) != "none":
         raise ValueError("graph_flops counts one graph: pin a variant (atedm: dsap_phase='early'/'late')")
     totals = {"total": 0, "side": 0, "graphs": 0, "reports": []}
 

@@ -113,7 +113,7 @@ class ParetoOptions:
 
 def resolve_methods(names: Sequence[str] | None) -> tuple[str, ...]:
     """Validate method names against the registry; None -> every registered method. Raises ValueError."""
-    from ..config import method_names
+    from ..methods import method_names
 
     registered = method_names()
     if names is None:
@@ -139,7 +139,7 @@ class Variant:
 
 def variants_for(methods: Sequence[str], ratios: Sequence[float], with_tomesd: bool) -> list[Variant]:
     """The sweep: each method at each ratio (configs validated up front), then tomesd at each ratio."""
-    from ..config import parse_options
+    from ..methods import parse_options
 
     out = []
     for m in methods:
@@ -829,17 +829,5 @@ def run_from_args(args: argparse.Namespace) -> tuple[str, int]:
     return result["table"], 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pareto", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from ..cli import cmd_bench_pareto  # the command prints; this module only logs
-
-    return cmd_bench_pareto(args)
-
-
-__all__ = ["ParetoOptions", "pareto_front", "resolve_methods", "run", "run_sweep", "main", "add_arguments",
+__all__ = ["ParetoOptions", "pareto_front", "resolve_methods", "run", "run_sweep", "add_arguments",
            "table", "plot"]

@@ -37,9 +37,9 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .. import methods  # noqa: F401  (registers the methods)
-from ..config import PruneConfig, parse_options
-from ..methods.base import RandomSpec, method_for
+from ..config import PruneConfig
+from ..inner import RandomFeed
+from ..methods import RandomSpec, method_for, parse_options
 from ..passes.rewrite import prune_graph
 from ..report import GraphReport
 
@@ -77,8 +77,6 @@ def random_feed(ep_or_info: ExportedProgram | ExportInfo, seed: int | None = Non
     """A :class:`graphprune.inner.RandomFeed` for a program exported with ``random="inputs"``.
 
     ``feed.draw()`` gives the list to pass as ``graphprune_random=`` (the same tensors the backend draws)."""
-    from ..inner import RandomFeed
-
     info = ep_or_info if isinstance(ep_or_info, ExportInfo) else export_info(ep_or_info)
     return RandomFeed(info.random_specs, info.seed if seed is None else seed)
 
@@ -168,8 +166,11 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     if random not in RANDOM_MODES:
         raise ValueError(f"random must be one of {RANDOM_MODES}, got {random!r}")
     cfg = config_from(options, **config)
-    if cfg.step_aware:
-        hint = " (atedm: pass dsap_phase='early' or 'late', or dsap_steps=0)" if cfg.method == "atedm" else ""
+    method = method_for(cfg)
+    if method.runtime(cfg) != "none":
+        single = method.every_step_options(cfg.ratio)
+        hint = "" if method.runtime(parse_options({"method": cfg.method, **single})) != "none" else \
+            f", or pass {single} to export the graph every step would run"
         raise NotImplementedError(f"method {cfg.method!r} is step-aware (a runtime switches graphs between denoising "
                                   "steps); export_program exports one static graph: use a per-step method (tome, "
                                   f"sito, ...){hint}")
@@ -177,18 +178,14 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     with torch.no_grad():
         ep0 = torch.export.export(model, tuple(args), kwargs, strict=strict)
         gm = ep0.graph_module
-        result = prune_graph(gm, cfg, method_for(cfg))
+        result = prune_graph(gm, cfg, method)
         n_random = len(result.random_inputs)
         fixed = None
         if random == "fixed" and n_random:
-            from ..inner import RandomFeed
-
             fixed = RandomFeed(result.random_inputs, int(getattr(cfg, "seed", 0))).draw()
         wrapper = _PrunedModule(ep0, gm, n_random, fixed)
         export_kwargs = dict(kwargs)
         if random == "inputs" and n_random:
-            from ..inner import RandomFeed
-
             export_kwargs[RANDOM_KWARG] = list(RandomFeed(result.random_inputs, 0).examples())
         ep = torch.export.export(wrapper, tuple(args), export_kwargs, strict=strict)
     ep.graph_module.meta["graphprune"] = ExportInfo(cfg, result.report, list(result.random_inputs), random,

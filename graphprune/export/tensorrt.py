@@ -8,7 +8,7 @@ Path: :func:`graphprune.export.export_program` (export -> rewrite -> re-export) 
 ``torch_tensorrt.dynamo.compile(exported_program, arg_inputs=..., kwarg_inputs=...)``; saving goes through
 ``torch_tensorrt.save(module, path, output_format="exported_program", arg_inputs=..., kwarg_inputs=...)`` and loading
 through ``torch_tensorrt.load(path).module()``. The backend's ``compiler="tensorrt"`` uses the same compile call on
-the rewritten Dynamo graph (:func:`compile_graph`).
+the rewritten Dynamo graph (:func:`graphprune.inner.compile_graph`).
 
 Needs an NVIDIA GPU with CUDA and ``pip install 'graphprune[tensorrt]'`` (torch-tensorrt of the same minor version as
 torch: torch-tensorrt 2.13 for torch 2.13, TensorRT 11.0). Precision follows the model's dtype (torch-tensorrt 2.13
@@ -27,42 +27,10 @@ import torch
 from torch.export import ExportedProgram
 
 from ..config import PruneConfig
+from ..inner import compile_graph, require_tensorrt, tensorrt_compile, tensorrt_unavailable
 from .program import RANDOM_KWARG, export_info, export_program, random_feed
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = ("TensorRT export needs an NVIDIA GPU with CUDA and torch-tensorrt built for your torch "
-                "(torch {torch} -> torch-tensorrt {minor}.*): pip install 'graphprune[tensorrt]'")
-
-
-def tensorrt_unavailable() -> str | None:
-    """Why TensorRT cannot run here (no CUDA, or torch-tensorrt missing), or None when it can."""
-    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    hint = INSTALL_HINT.format(torch=torch.__version__, minor=minor)
-    if not torch.cuda.is_available():
-        return f"no CUDA device (torch {torch.__version__}); {hint}"
-    try:
-        import torch_tensorrt  # noqa: F401
-    except ImportError as exc:
-        return f"torch_tensorrt is not importable ({exc}); {hint}"
-    return None
-
-
-def require_tensorrt() -> Any:
-    """Import and return ``torch_tensorrt``, or raise RuntimeError saying what to install."""
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        raise RuntimeError(reason)
-    import torch_tensorrt
-
-    return torch_tensorrt
-
-
-def _default_compile(ep: ExportedProgram, arg_inputs: list[Any], kwarg_inputs: dict[str, Any],
-                     **compile_options: Any) -> torch.nn.Module:
-    trt = require_tensorrt()
-    return trt.dynamo.compile(ep, arg_inputs=arg_inputs, kwarg_inputs=kwarg_inputs, **compile_options)
-
 
 def to_tensorrt(model: torch.nn.Module | ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
                 *, path: str | os.PathLike | None = None, options: Mapping[str, Any] | PruneConfig | None = None,
@@ -93,7 +61,7 @@ def to_tensorrt(model: torch.nn.Module | ExportedProgram, args: tuple[Any, ...],
             call_kwargs[RANDOM_KWARG] = random_feed(info).examples()
     except ValueError:
         pass
-    compile_fn = compile_fn or _default_compile
+    compile_fn = compile_fn or tensorrt_compile
     engine = compile_fn(ep, arg_inputs=list(args), kwarg_inputs=call_kwargs, **dict(compile_options or {}))
     if path is not None:
         save_engine(engine, path, args, call_kwargs)
@@ -115,47 +83,6 @@ def load_engine(path: str | os.PathLike) -> torch.nn.Module:
     """Load a saved engine program: ``torch_tensorrt.load(path).module()``."""
     trt = require_tensorrt()
     return trt.load(str(path)).module()
-
-
-class _FrozenParams(torch.nn.Module):
-    """A Dynamo graph whose parameter inputs become module parameters again (so export lifts them as weights,
-    which TensorRT folds into the engine, instead of runtime inputs). forward takes the other inputs only."""
-
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], param_positions: list[int]):
-        super().__init__()
-        self.gm = gm
-        self.n = len(example_inputs)
-        self.param_positions = param_positions
-        for j, i in enumerate(param_positions):
-            self.register_parameter(f"p{j}", torch.nn.Parameter(example_inputs[i].detach(), requires_grad=False))
-
-    def forward(self, *inputs: Any) -> Any:
-        it = iter(inputs)
-        params = {i: getattr(self, f"p{j}") for j, i in enumerate(self.param_positions)}
-        full = [params[i] if i in params else next(it) for i in range(self.n)]
-        return self.gm(*full)
-
-
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any],
-                  compile_options: Mapping[str, Any] | None = None,
-                  compile_fn: Callable[..., torch.nn.Module] | None = None) -> Callable[..., Any]:
-    """The backend's ``compiler="tensorrt"``: export the (rewritten) Dynamo graph with its parameters as weights,
-    compile it with ``torch_tensorrt.dynamo.compile``, and return a callable taking Dynamo's full argument list."""
-    if compile_fn is None:
-        require_tensorrt()
-    positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-    frozen = _FrozenParams(gm, list(example_inputs), positions)
-    user = [x for i, x in enumerate(example_inputs) if i not in set(positions)]
-    with torch.no_grad():
-        ep = torch.export.export(frozen, tuple(user), strict=False)
-    compile_fn = compile_fn or _default_compile
-    engine = compile_fn(ep, arg_inputs=user, kwarg_inputs={}, **dict(compile_options or {}))
-    drop = set(positions)
-
-    def run(*args: Any) -> Any:
-        return engine(*[a for i, a in enumerate(args) if i not in drop])
-
-    return run
 
 
 __all__ = ["to_tensorrt", "save_engine", "load_engine", "compile_graph", "tensorrt_unavailable", "require_tensorrt"]

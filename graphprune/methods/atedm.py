@@ -17,14 +17,135 @@ every block is pruned ("late" variant). The step-aware runtime holds exactly the
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from ..config import AtEdmConfig
-from .base import Plan, SiteGeometry, SiteSkip, TokenMethod, register_method
+from ..config import PruneConfig
+from ..schedule import PhaseSchedule
+from .base import KeepSlotRecovery, Plan, SiteGeometry, SiteSkip, TokenMethod
 from .gwpr import copy_sources, gwpr_scores, select_kept, split_heads
-from .tokens import gather_tokens, scatter_slots
+from .tokens import scatter_slots
+
+HEAD_AGGREGATIONS = ("mean", "eir")
+COPY_SIMILARITIES = ("logits", "probs")
+K_ROUNDINGS = ("floor", "round", "ceil")
+DSAP_PHASES = (None, "early", "late")
+
+
+@dataclass(frozen=True)
+class AtEdmConfig(PruneConfig):
+    """AT-EDM (Wang et al., CVPR 2024): tokens ranked by G-WPR on a self-attention map, pruned once per transformer
+    stack, the rest of the stack run on K tokens, pruned tokens refilled by copying their most attended kept token;
+    DSAP leaves some stacks unpruned in early denoising steps (research/atedm.md; defaults = its section 11).
+
+    Important args:
+        ratio: fraction of tokens pruned at each pruning point (paper: 0.63, the 4.1-TFLOPs SD-XL budget).
+            K = N - R with R = floor(N * ratio) (``k_rounding``).
+        prune_layer: the 1-based layer of each stack whose self-attention map ranks the tokens. Its output is pruned
+            when the stack has more layers (paper: after layer 1); in a one-layer stack (SD1.5) the pruning point
+            is right after that layer's self-attention, so its cross-attention and feed-forward run on K tokens.
+        dsap_steps: DSAP's tau: for the first ``dsap_steps`` UNet calls of a generation the ``dsap_blocks`` are not
+            pruned, afterwards every stack is (two compiled variants). 0 turns DSAP off. [?] in the paper; 10.
+        dagger: AT-EDM-dagger: no pruning at the finest attention level (SD-XL's 64x64 level).
+
+    Args to tinker with:
+        iterations: G-WPR power iterations T (s <- A^T s from s = 1/N). [?]; 1 = the column mean of the map.
+        head_aggregation: ``"mean"`` (one G-WPR on the head-mean map) or ``"eir"`` (G-WPR per head, combined as
+            sqrt(sum_h s_h^2), Zero-TPrune's "emphasizing informative region"). [?]
+        query_subsample: > 1 estimates the T = 1 score from the queries on a strided ``q x q`` sub-grid (cost / q^2;
+            not exact; needs iterations=1).
+        query_chunk: queries per chunk of the streamed softmax (memory B*H*chunk*N per chunk).
+        copy_similarity: copy source of a pruned token = argmax over kept tokens of its row of the ranking map:
+            ``"logits"`` (head-mean q.k; exact argmax per head) or ``"probs"`` (head-mean softmax). [?]
+        cfg_shared: the two halves of an even batch (CFG [uncond; cond]) share one plan (scores and copy
+            similarities averaged over the halves). [?] default False: per sample.
+        k_rounding: R = floor / round / ceil(N * ratio). [?]
+        dsap_blocks: ``"auto"`` (the first attention block of each down stage and the last of each up stage) or a
+            list of attention-block module paths (e.g. ``["down_blocks.1.attentions.0"]``).
+        dsap_phase: ``None`` (the runtime switches phases by step), or ``"early"`` / ``"late"`` to compile one
+            phase's graph as a stateless model (e.g. for FLOP counts).
+        topk_max: the largest k a TopK may take (TensorRT: 3840); above it the kept set comes from chunked rank
+            counting instead.
+    """
+
+    method: ClassVar[str] = "atedm"
+    ratio: float = 0.63
+    scope: tuple[str, ...] = ("block",)
+    max_downsample: int = 64
+    prune_layer: int = 1
+    iterations: int = 1
+    head_aggregation: str = "mean"
+    query_subsample: int = 1
+    query_chunk: int = 512
+    copy_similarity: str = "logits"
+    cfg_shared: bool = False
+    k_rounding: str = "floor"
+    dsap_steps: int = 10
+    dsap_blocks: Any = "auto"
+    dsap_phase: str | None = None
+    dagger: bool = False
+    topk_max: int = 3840
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope != ("block",):
+            raise ValueError(f"atedm: scope must be 'block' (got {'+'.join(self.scope)!r}): AT-EDM prunes a whole "
+                             "transformer stack after its ranking layer")
+        for name, low in (("prune_layer", 1), ("iterations", 1), ("query_subsample", 1), ("query_chunk", 1),
+                          ("dsap_steps", 0), ("topk_max", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"atedm: {name} must be an integer >= {low}, got {value!r}")
+        if self.head_aggregation not in HEAD_AGGREGATIONS:
+            raise ValueError(f"atedm: head_aggregation must be one of {HEAD_AGGREGATIONS}, got "
+                             f"{self.head_aggregation!r}")
+        if self.copy_similarity not in COPY_SIMILARITIES:
+            raise ValueError(f"atedm: copy_similarity must be one of {COPY_SIMILARITIES}, got "
+                             f"{self.copy_similarity!r}")
+        if self.k_rounding not in K_ROUNDINGS:
+            raise ValueError(f"atedm: k_rounding must be one of {K_ROUNDINGS}, got {self.k_rounding!r}")
+        if self.dsap_phase not in DSAP_PHASES:
+            raise ValueError(f"atedm: dsap_phase must be one of {DSAP_PHASES}, got {self.dsap_phase!r}")
+        if self.query_subsample > 1 and self.iterations > 1:
+            raise ValueError("atedm: query_subsample > 1 estimates the one-iteration score only (the sub-map is not "
+                             "square); use iterations=1 or query_subsample=1")
+        blocks = self.dsap_blocks
+        if isinstance(blocks, list):
+            blocks = tuple(blocks)
+            object.__setattr__(self, "dsap_blocks", blocks)
+        if not (blocks == "auto" or (isinstance(blocks, tuple) and all(isinstance(b, str) for b in blocks))):
+            raise ValueError(f"atedm: dsap_blocks must be 'auto' or a list of attention-block module paths, got "
+                             f"{blocks!r}")
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any K >= 1 works
+
+    def pruned_count(self, n: int) -> int:
+        """R, the tokens pruned of ``n`` (``k_rounding`` of n * ratio, at most n - 1)."""
+        x = n * self.ratio
+        r = {"floor": math.floor, "ceil": math.ceil, "round": lambda v: math.floor(v + 0.5)}[self.k_rounding](x)
+        return min(int(r), n - 1)
+
+    @property
+    def step_aware(self) -> bool:
+        """DSAP needs the step-aware runtime (two variants), unless a phase is forced or nothing is pruned."""
+        return self.dsap_steps > 0 and self.dsap_phase is None and self.ratio > 0
+
+    @property
+    def max_variants(self) -> int:
+        return 2
+
+    def phase_config(self, kind: str) -> "AtEdmConfig":
+        """The config of one DSAP phase's variant (``kind`` "early" or "late")."""
+        return dataclasses.replace(self, dsap_phase=kind)
+
+    def step_schedule(self) -> PhaseSchedule:
+        return PhaseSchedule(boundary=self.dsap_steps)
 
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)$")
 _UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)$")
@@ -58,14 +179,19 @@ def query_grid(H: int, W: int, stride: int, device: torch.device) -> torch.Tenso
                         device=device)
 
 
-@register_method
-class AtEdm(TokenMethod[AtEdmConfig]):
+class AtEdm(KeepSlotRecovery, TokenMethod[AtEdmConfig]):
     """G-WPR ranking of a self-attention map, top-K pruning of a transformer stack, attention-argmax copy refill."""
 
     name = "atedm"
     config_type = AtEdmConfig
     uses_metric = False
     plan_source = "attention"
+
+    def every_step_options(self, ratio: float) -> dict[str, Any]:
+        return {"ratio": ratio, "dsap_steps": 0}  # DSAP off: every call runs the all-pruned graph
+
+    def runtime(self, config: AtEdmConfig) -> str:
+        return "steps" if config.step_aware else "none"  # DSAP: two variants picked by step
 
     def budget(self, config: AtEdmConfig, geo: SiteGeometry) -> int:
         R = config.pruned_count(geo.N)
@@ -104,11 +230,3 @@ class AtEdm(TokenMethod[AtEdmConfig]):
         ar = torch.arange(K, device=q.device).expand(B, K)
         slot = scatter_slots(torch.cat([keep, pruned], 1), torch.cat([ar, src], 1), N)
         return keep, slot
-
-    def reduce(self, config: AtEdmConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, K, C), the kept tokens."""
-        return gather_tokens(x, plan[0])
-
-    def restore(self, config: AtEdmConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, K, c) -> (B, N, c); pruned tokens copy their source slot."""
-        return gather_tokens(y, plan[1])

@@ -6,20 +6,27 @@ tokens ``x: (B, N, C) -> (B, K, C)`` and :meth:`~TokenMethod.restore` maps ``y: 
 Randomness never comes from an RNG inside the graph: a method lists the random tensors it needs
 (:class:`RandomSpec`) and the backend feeds them as graph inputs drawn from a dedicated seeded generator.
 
-Register with ``@register_method``; dispatch is a dict lookup by config type.
+A method is one file, ``graphprune/methods/<name>.py``: its config dataclass (a :class:`~graphprune.config.PruneConfig`
+subclass) beside its :class:`TokenMethod`; :mod:`.registry` lists every built-in method explicitly (no registration
+by import side effect) and is the one lookup by name and by config type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from ..config import PruneConfig
+from .tokens import gather_tokens
 
 Plan = tuple[torch.Tensor, ...]
 ConfigT = TypeVar("ConfigT", bound=PruneConfig)
+
+
+class SiteSkip(Exception):
+    """Raised by a method when it cannot prune a site; the message is the logged reason."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,17 @@ class SiteGeometry:
     head_dim: int = 0
     scale: float = 0.0
 
+    def cells(self, sx: int, sy: int) -> int:
+        """P = (H // sy) * (W // sx): the whole sy x sx cells of the grid (leftover rows/columns fill none)."""
+        return (self.H // sy) * (self.W // sx)
+
+    def require_cells(self, sx: int, sy: int) -> int:
+        """:meth:`cells`, or :class:`SiteSkip` when the grid is smaller than one cell."""
+        P = self.cells(sx, sy)
+        if P == 0:
+            raise SiteSkip(f"grid {self.H}x{self.W} is smaller than one {sy}x{sx} cell")
+        return P
+
 
 @dataclass(frozen=True)
 class RandomSpec:
@@ -53,14 +71,12 @@ class RandomSpec:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """A tensor a stateful plan carries from one step to the next (a graph output, then a later graph's input)."""
+    """A tensor a stateful plan carries from one step to the next (a graph output, then a later graph's input).
+    ``name`` says what it holds; runtimes find a carried tensor by name, never by position."""
 
+    name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-
-class SiteSkip(Exception):
-    """Raised by a method when it cannot prune a site; the message is the logged reason."""
 
 
 class TokenMethod(Generic[ConfigT]):
@@ -89,6 +105,24 @@ class TokenMethod(Generic[ConfigT]):
     #: (the query and key projections (B, N, h*d) of the ranking layer's self-attention, AT-EDM)
     plan_source: str = "metric"
 
+    #: whether the method removes tokens at all (``deepcache`` only caches features: False)
+    prunes_tokens: bool = True
+
+    def every_step_options(self, ratio: float) -> dict[str, Any]:
+        """Options under which every call runs the same graph with ``ratio`` of the tokens pruned (no step caching,
+        no phases, a fixed count): what the conformance suite compiles, and what export needs."""
+        return {"ratio": ratio}
+
+    def runtime(self, config: ConfigT) -> str:
+        """Which callable the backend returns for ``config``: ``"none"`` (one compiled graph), ``"steps"`` (the
+        step-aware runtime: a graph per step kind, :mod:`graphprune.runtime.steps`) or ``"match-cache"`` (plans
+        carried across steps, :mod:`graphprune.runtime.match_cache`)."""
+        return "none"
+
+    def unchanged_reason(self, config: ConfigT) -> str | None:
+        """Why ``config`` asks for no pruning at all (every site is left unchanged, no warning), or None."""
+        return "ratio=0: unchanged" if config.ratio == 0 else None
+
     def budget(self, config: ConfigT, geo: SiteGeometry) -> int:
         """Kept tokens K (a Python int, < N; for form "kv" the key/value tokens). Raise :class:`SiteSkip` with a
         reason if the site can't be pruned."""
@@ -115,6 +149,18 @@ class TokenMethod(Generic[ConfigT]):
         """Stateful methods: the plan rebuilt from :meth:`state_of` tensors (no metric, no random inputs)."""
         raise NotImplementedError
 
+    #: stateful methods: the name of the state tensor (B-independent, (2,) int64) holding [the merge count r the
+    #: data allows, the tokens merged over the batch]; the match-cache runtime reads it at refresh steps
+    count_state: str = ""
+
+    def bucket_for(self, config: ConfigT, geo: SiteGeometry, r: int) -> int:
+        """Stateful methods with budget buckets: the largest bucket (always-merged count) <= ``r`` at this site."""
+        raise NotImplementedError
+
+    def fixed_bucket(self, config: ConfigT, geo: SiteGeometry) -> int:
+        """Stateful methods with budget buckets: the fixed count of the one-graph form (no host read)."""
+        raise NotImplementedError
+
     def uses_key_bias(self, config: ConfigT) -> bool:
         """Whether the graphs of this config hide keys (only asked when ``masks_keys``)."""
         return self.masks_keys
@@ -136,23 +182,15 @@ class TokenMethod(Generic[ConfigT]):
         raise NotImplementedError
 
 
-_METHODS: dict[type[PruneConfig], TokenMethod] = {}
+class KeepSlotRecovery:
+    """Mixin for methods whose plan starts with ``(keep (B, K), slot (B, N))``: the kept tokens are gathered, and
+    after attention every token reads its slot (a kept token its own, a pruned one its copy source). SiTo, DaTo,
+    random and AT-EDM share it."""
 
+    def reduce(self, config: PruneConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) -> (B, K, C), the kept tokens."""
+        return gather_tokens(x, plan[0])
 
-def register_method(cls: type[TokenMethod]) -> type[TokenMethod]:
-    """Class decorator: one instance of ``cls`` serves every config of type ``cls.config_type``."""
-    _METHODS[cls.config_type] = cls()
-    return cls
-
-
-def method_for(config: PruneConfig) -> TokenMethod:
-    """The registered method for a config instance."""
-    try:
-        return _METHODS[type(config)]
-    except KeyError:
-        raise NotImplementedError(f"method {config.method!r} has a config but no implementation yet") from None
-
-
-def registered_methods() -> dict[str, TokenMethod]:
-    """Method name -> implementation, for every implemented method (the conformance suite iterates this)."""
-    return {m.name: m for m in _METHODS.values()}
+    def restore(self, config: PruneConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, K, c) -> (B, N, c); pruned tokens copy their source slot."""
+        return gather_tokens(y, plan[1])

@@ -18,13 +18,53 @@ Random tensors (xi, signs, offsets) are graph inputs drawn by graphprune's own s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from ..config import DaToConfig
-from .base import Plan, RandomSpec, SiteGeometry, TokenMethod, register_method
-from .sito import SiTo, prune_count, prune_similar_to_base
-from .tokens import cell_argmax, cell_split, gather_tokens
+from ..config import check_choice
+from .base import KeepSlotRecovery, Plan, RandomSpec, SiteGeometry, TokenMethod
+from .caching import CachingConfig
+from .sito import RECOVERIES, prune_budget, prune_count, prune_similar_to_base
+from .tokens import cell_argmax, cell_split
+
+SELECTIONS = ("dynamics", "local_random")
+
+
+@dataclass(frozen=True)
+class DaToConfig(CachingConfig):
+    """DaTo: feature caching + SiTo-style pruning whose base tokens follow the temporal dynamics of the noise
+    prediction (official code semantics, research/dato.md section 3).
+
+    Important args:
+        ratio: fraction of tokens pruned at each top-level self-attention (official constant: 0.4).
+        gamma: weight of the dynamics d = mean_c |eps_(c-1) - eps_(c-2)| in the base score (official: 0.1).
+        noise_alpha: weight of the N(0, 1) noise in the base score (official: 0.1).
+        random_sign: flip the sign of gamma at random per site and call (the official code does; about half the
+            sites then pick the least dynamic token of each cell as base).
+        align_cfg: the conditional half of a CFG batch [uncond; cond] uses the unconditional half's base tokens.
+        selection: ``"dynamics"`` (official default) or ``"local_random"`` (a random base position per cell,
+            shared by the batch; no dynamics).
+        recover: ``"kept"`` (official: copy the most similar kept token) or ``"base"``.
+        seed: seed of graphprune's own generator for noise, signs and offsets.
+    """
+
+    method: ClassVar[str] = "dato"
+    ratio: float = 0.4
+    gamma: float = 0.1
+    noise_alpha: float = 0.1
+    random_sign: bool = True
+    align_cfg: bool = True
+    selection: str = "dynamics"
+    recover: str = "kept"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("", "selection", self.selection, SELECTIONS)
+        check_choice("", "recover", self.recover, RECOVERIES)
 
 
 def dynamics(eps_prev: torch.Tensor, eps_prev2: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -35,19 +75,24 @@ def dynamics(eps_prev: torch.Tensor, eps_prev2: torch.Tensor, H: int, W: int) ->
     return d.flatten(1)
 
 
-@register_method
-class DaTo(TokenMethod[DaToConfig]):
+class DaTo(KeepSlotRecovery, TokenMethod[DaToConfig]):
     """Dynamics-aware base selection + SiTo pruning and copy recovery."""
 
     name = "dato"
     config_type = DaToConfig
     context_inputs = ("eps_prev", "eps_prev2")
 
+    def every_step_options(self, ratio: float) -> dict[str, Any]:
+        return {"ratio": ratio, "cache_interval": 1}  # every step full (pruned), no feature reuse
+
+    def runtime(self, config: DaToConfig) -> str:
+        return "steps"
+
     def budget(self, config: DaToConfig, geo: SiteGeometry) -> int:
-        return SiTo().budget(config, geo)  # same token counts as SiTo: K = N - int(N * ratio)
+        return prune_budget(config, geo)  # same token counts as SiTo: K = N - int(N * ratio)
 
     def random_inputs(self, config: DaToConfig, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
-        P = (geo.H // config.sy) * (geo.W // config.sx)
+        P = geo.cells(config.sx, config.sy)
         if config.selection == "local_random":
             return (RandomSpec((1, P), "randint", config.sx * config.sy),)
         specs = []
@@ -87,11 +132,3 @@ class DaTo(TokenMethod[DaToConfig]):
         loc = self.base_positions(config, geo, eps_prev, eps_prev2, *rand)
         base, cand = cell_split(loc, geo.H, geo.W, config.sx, config.sy)
         return prune_similar_to_base(m, base.expand(B, -1), cand.expand(B, -1), R, config.recover)
-
-    def reduce(self, config: DaToConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, K, C), the kept tokens."""
-        return gather_tokens(x, plan[0])
-
-    def restore(self, config: DaToConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, K, c) -> (B, N, c); pruned tokens copy their source slot."""
-        return gather_tokens(y, plan[1])

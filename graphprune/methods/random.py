@@ -15,15 +15,34 @@ block); at N = 16384 and ratio 0.5 that is 256 MiB per batch element.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from ..config import RandomConfig
-from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod, register_method
-from .tokens import complement, gather_tokens, scatter_slots, top_and_rest
+from ..config import PruneConfig
+from .base import KeepSlotRecovery, Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod
+from .tokens import complement, scatter_slots, top_and_rest
 
 
-@register_method
-class RandomPrune(TokenMethod[RandomConfig]):
+@dataclass(frozen=True)
+class RandomConfig(PruneConfig):
+    """Random pruning, the floor every method must beat at equal K: keep K = N - int(N * ratio) tokens chosen
+    uniformly at random (per call and batch element), copy each pruned token's output from its nearest kept token
+    on the grid (Euclidean; ties to the lowest raster index).
+
+    Args to tinker with:
+        seed: seed of graphprune's own generator (one (B, N) noise draw per site and call).
+    """
+
+    method: ClassVar[str] = "random"
+    seed: int = 0
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any K >= 1 works
+
+
+class RandomPrune(KeepSlotRecovery, TokenMethod[RandomConfig]):
     """Uniform random kept set, nearest-kept-token copy recovery."""
 
     name = "random"
@@ -57,11 +76,3 @@ class RandomPrune(TokenMethod[RandomConfig]):
         ar = torch.arange(K, device=noise.device).expand(B, K)
         slot = scatter_slots(torch.cat([keep, pruned], 1), torch.cat([ar, src], 1), N)
         return keep, slot
-
-    def reduce(self, config: RandomConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, K, C), the kept tokens."""
-        return gather_tokens(x, plan[0])
-
-    def restore(self, config: RandomConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, K, c) -> (B, N, c); pruned tokens copy their nearest kept token."""
-        return gather_tokens(y, plan[1])

@@ -13,18 +13,61 @@ Semantics of the official code (research/sito.md sections 3 and 9), per batch el
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from ..config import SiToConfig
-from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod, register_method
+from ..config import PruneConfig, check_choice
+from .base import KeepSlotRecovery, Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod
 from .tokens import cell_argmax, cell_split, gather_tokens, scatter_slots, top_and_rest
 
+PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
+RECOVERIES = ("kept", "base")
 
-def prune_count(config: SiToConfig, geo: SiteGeometry) -> tuple[int, int, int]:
-    """(R pruned, Nc candidates, P base tokens) for a site."""
-    P = (geo.H // config.sy) * (geo.W // config.sx)
+
+@dataclass(frozen=True)
+class SiToConfig(PruneConfig):
+    """SiTo: similarity-based base-token selection, pruning, copy recovery (AAAI 2025, official code semantics).
+
+    Args to tinker with:
+        noise_alpha, sim_beta: score = sim_beta * SimScore + noise_alpha * N(0, 1) noise per token.
+        recover: ``"kept"`` (official code: copy the most similar kept token) or ``"base"`` (paper figure: copy
+            the most similar base token; cheaper).
+        seed: seed of graphprune's own generator that draws the noise (one (B, N) draw per site and call).
+        plan_dtype: dtype of the similarity computations; ``None`` uses the model's dtype. The official code
+            computes in float16 (where the noise rarely changes a score; see the README).
+    """
+
+    method: ClassVar[str] = "sito"
+    noise_alpha: float = 0.1
+    sim_beta: float = 1.0
+    recover: str = "kept"
+    seed: int = 0
+    plan_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("", "recover", self.recover, RECOVERIES)
+        check_choice("", "plan_dtype", self.plan_dtype, PLAN_DTYPES)
+
+
+def prune_count(config: PruneConfig, geo: SiteGeometry) -> tuple[int, int, int]:
+    """(R pruned, Nc candidates, P base tokens) for a site (SiTo's and DaTo's counts)."""
+    P = geo.cells(config.sx, config.sy)
     return int(geo.N * config.ratio), geo.N - P, P
+
+
+def prune_budget(config: PruneConfig, geo: SiteGeometry) -> int:
+    """K = N - R kept tokens of SiTo's (and DaTo's) pruning, or :class:`SiteSkip` with the reason."""
+    geo.require_cells(config.sx, config.sy)
+    R, Nc, _ = prune_count(config, geo)
+    if R <= 0:
+        raise SiteSkip(f"ratio {config.ratio} prunes no token of N={geo.N}")
+    if R > Nc:
+        raise SiteSkip(f"R={R} pruned tokens exceed the {Nc} non-base tokens; lower the ratio")
+    return geo.N - R
 
 
 def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, R: int, recover: str) -> Plan:
@@ -60,22 +103,14 @@ def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tenso
     return keep, slot
 
 
-@register_method
-class SiTo(TokenMethod[SiToConfig]):
+class SiTo(KeepSlotRecovery, TokenMethod[SiToConfig]):
     """Similarity-based base selection, pruning and copy recovery."""
 
     name = "sito"
     config_type = SiToConfig
 
     def budget(self, config: SiToConfig, geo: SiteGeometry) -> int:
-        R, Nc, P = prune_count(config, geo)
-        if P == 0:
-            raise SiteSkip(f"grid {geo.H}x{geo.W} is smaller than one {config.sy}x{config.sx} cell")
-        if R <= 0:
-            raise SiteSkip(f"ratio {config.ratio} prunes no token of N={geo.N}")
-        if R > Nc:
-            raise SiteSkip(f"R={R} pruned tokens exceed the {Nc} non-base tokens; lower the ratio")
-        return geo.N - R
+        return prune_budget(config, geo)
 
     def random_inputs(self, config: SiToConfig, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
         return (RandomSpec((geo.B, geo.N), "normal"),) if config.noise_alpha != 0 else ()
@@ -94,11 +129,3 @@ class SiTo(TokenMethod[SiToConfig]):
         loc = cell_argmax(score, H, W, sx, sy)  # (B, P)
         base, cand = cell_split(loc, H, W, sx, sy)  # (B, P), (B, Nc)
         return prune_similar_to_base(m, base, cand, R, config.recover)
-
-    def reduce(self, config: SiToConfig, plan: Plan, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) -> (B, K, C), the kept tokens."""
-        return gather_tokens(x, plan[0])
-
-    def restore(self, config: SiToConfig, plan: Plan, y: torch.Tensor) -> torch.Tensor:
-        """y: (B, K, c) -> (B, N, c); pruned tokens copy their source slot."""
-        return gather_tokens(y, plan[1])

@@ -21,12 +21,87 @@ grid, e.g. 26 -> 22; never for the official factor on divisible grids).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..config import ToDoConfig
-from .base import Plan, SiteGeometry, SiteSkip, TokenMethod, register_method
+from ..config import PruneConfig
+from .base import Plan, SiteGeometry, SiteSkip, TokenMethod
 from .tokens import gather_tokens
+
+DOWNSAMPLE_METHODS = ("nearest-exact", "nearest", "avg_pool", "max_pool")
+
+
+def _int_factor(ratio: float) -> int | None:
+    """The integer factor f with ratio == 1 - 1/f**2 (to 1e-9), or None."""
+    f = round((1.0 - ratio) ** -0.5)
+    return f if abs(1.0 - 1.0 / (f * f) - ratio) < 1e-9 else None
+
+
+@dataclass(frozen=True)
+class ToDoConfig(PruneConfig):
+    """ToDo (token downsampling, Smith et al. 2024): every query attends to keys/values of a 2D subsample of the
+    attention input. No selection, no recovery; the output keeps all N tokens.
+
+    Important args:
+        factor: keys/values come from an (H // f) x (W // f) subsample of the H x W token grid at level 1 (the
+            official ``downsample_factor``; default 2 when neither ``factor`` nor ``ratio`` is given).
+        ratio: the fraction of keys/values removed, the alternative to ``factor`` for sweeps: the subsample is
+            round(H * s) x round(W * s) with s = sqrt(1 - ratio). A ratio of the form 1 - 1/f**2 IS factor f
+            (0.75 = factor 2, 0.8889 = 3, 0.9375 = 4). Giving both is allowed only when they agree.
+            ``ratio=0`` (or ``factor=1``) leaves the model unchanged.
+
+    Args to tinker with:
+        factor_level_2: factor at level 2 (the next coarser attention grid; official
+            ``downsample_factor_level_2``, default 1 = off); > 1 needs ``max_downsample >= 2``.
+        downsample_method: ``"nearest-exact"`` (official default: the centre-ish token i*f + f//2 of each f x f
+            block), ``"nearest"`` (the top-left token i*f, the official demo), ``"avg_pool"`` / ``"max_pool"``
+            (f x f windows at stride f; need an integer factor).
+    """
+
+    method: ClassVar[str] = "todo"
+    ratio: float | None = None  # type: ignore[assignment]  (derived from factor when omitted)
+    factor: int | None = None
+    factor_level_2: int = 1
+    downsample_method: str = "nearest-exact"
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "factor_level_2"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"todo: {name} must be an integer >= 1, got {value!r}")
+        if self.ratio is None:  # the factor (official default 2) fixes the ratio; ``factor`` stays as given
+            f = 2 if self.factor is None else self.factor
+            object.__setattr__(self, "ratio", 1.0 - 1.0 / f ** 2)
+        elif self.factor is not None and isinstance(self.ratio, (int, float)) and \
+                abs(float(self.ratio) - (1.0 - 1.0 / self.factor ** 2)) > 1e-9:
+            raise ValueError(f"todo: ratio {self.ratio} contradicts factor {self.factor}, which removes "
+                             f"1 - 1/{self.factor}**2 = {1.0 - 1.0 / self.factor ** 2:.4f} of the keys/values; "
+                             "pass only one of them")
+        super().__post_init__()
+        if self.downsample_method not in DOWNSAMPLE_METHODS:
+            raise ValueError(f"todo: unknown downsample_method {self.downsample_method!r}; valid methods are "
+                             f"{DOWNSAMPLE_METHODS}")
+        if self.downsample_method.endswith("_pool") and self.effective_factor is None:
+            raise ValueError(f"todo: downsample_method={self.downsample_method!r} needs an integer factor; "
+                             f"ratio {self.ratio} is not 1 - 1/f**2 (pass factor=2, 3, 4, ...)")
+        if self.scope != ("self",):
+            raise ValueError(f"todo: scope must be 'self' (got {'+'.join(self.scope)!r}): ToDo keeps every query, "
+                             "so there are no reduced tokens for cross-attention or the feed-forward to run on")
+        if (self.sx, self.sy) != (2, 2):
+            raise ValueError("todo: sx/sy are the cell strides of tome/sito; todo's stride is 'factor'")
+        if self.factor_level_2 > 1 and self.max_downsample < 2:
+            raise ValueError(f"todo: factor_level_2={self.factor_level_2} downsamples level 2, which needs "
+                             f"max_downsample >= 2 (got {self.max_downsample})")
+
+    @property
+    def effective_factor(self) -> int | None:
+        """The level-1 factor: ``factor`` if given, else f when ``ratio == 1 - 1/f**2``, else None (fractional)."""
+        return self.factor if self.factor is not None else _int_factor(self.ratio)
+
+    def max_ratio(self) -> float:
+        return 1.0  # no cells: any factor is allowed (ratio < 1 is checked by PruneConfig)
 
 
 def level_factor(config: ToDoConfig, level: int) -> int | None:
@@ -63,7 +138,6 @@ def pick(n_in: int, n_out: int, exact: bool, device: torch.device) -> torch.Tens
     return rows.clamp(max=n_in - 1)
 
 
-@register_method
 class ToDo(TokenMethod[ToDoConfig]):
     """Keys and values from a strided/nearest (or pooled) 2D subsample; all queries kept."""
 

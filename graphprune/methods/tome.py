@@ -12,21 +12,39 @@ into a silent overwrite); unmerge is one gather through a (B, N) slot map.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from ..config import ToMeConfig
-from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod, register_method
+from ..config import PruneConfig
+from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod
 from .tokens import cell_split, gather_tokens, scatter_slots, top_and_rest
+
+
+@dataclass(frozen=True)
+class ToMeConfig(PruneConfig):
+    """ToMe for SD (tomesd): bipartite soft matching, merge by mean, unmerge by copy.
+
+    Args to tinker with:
+        use_rand: pick each cell's destination at a random position (drawn per call from a dedicated generator
+            seeded with ``seed``, shared by the batch, like tomesd); ``False`` takes the top-left position.
+            Turned off for odd batch sizes, as tomesd does.
+        seed: seed of graphprune's own generator (the user's RNG stream is never consumed).
+    """
+
+    method: ClassVar[str] = "tome"
+    use_rand: bool = True
+    seed: int = 0
 
 
 def merge_count(config: ToMeConfig, geo: SiteGeometry) -> tuple[int, int, int]:
     """(r merged sources, S sources, P destinations) for a site."""
-    P = (geo.H // config.sy) * (geo.W // config.sx)
+    P = geo.cells(config.sx, config.sy)
     S = geo.N - P
     return min(int(geo.N * config.ratio), S), S, P
 
 
-@register_method
 class ToMe(TokenMethod[ToMeConfig]):
     """Bipartite soft matching with mean merge and copy unmerge."""
 
@@ -34,9 +52,8 @@ class ToMe(TokenMethod[ToMeConfig]):
     config_type = ToMeConfig
 
     def budget(self, config: ToMeConfig, geo: SiteGeometry) -> int:
+        geo.require_cells(config.sx, config.sy)
         r, S, P = merge_count(config, geo)
-        if P == 0:
-            raise SiteSkip(f"grid {geo.H}x{geo.W} is smaller than one {config.sy}x{config.sx} cell")
         if r <= 0:
             raise SiteSkip(f"ratio {config.ratio} merges no token of N={geo.N}")
         return geo.N - r
@@ -44,7 +61,7 @@ class ToMe(TokenMethod[ToMeConfig]):
     def random_inputs(self, config: ToMeConfig, geo: SiteGeometry) -> tuple[RandomSpec, ...]:
         # tomesd turns randomness off for odd batches (cond and uncond would get different splits).
         if config.use_rand and geo.B % 2 == 0:
-            return (RandomSpec((1, (geo.H // config.sy) * (geo.W // config.sx)), "randint", config.sx * config.sy),)
+            return (RandomSpec((1, geo.cells(config.sx, config.sy)), "randint", config.sx * config.sy),)
         return ()
 
     def plan(self, config: ToMeConfig, geo: SiteGeometry, metric: torch.Tensor, *rand: torch.Tensor) -> Plan:

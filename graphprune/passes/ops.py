@@ -177,6 +177,47 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 SDPA_TUPLE_ARGS = ("query", "key", "value", "dropout_p", "is_causal")
 
 
+_ELEMENTWISE = {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "add", "sub", "div", "neg", "exp", "pow",
+                "square", "rsqrt", "sqrt", "softplus", "mish", "erf", "gelu.default", "silu.default", "mul.Tensor",
+                "add.Tensor", "sub.Tensor", "div.Tensor", "contiguous", "contiguous.default", "clone"}
+_CHANNEL_SPLITS = {"chunk", "split", "chunk.default", "split.Tensor", "split_with_sizes.default"}
+
+
+def target_name(n: Node) -> str:
+    """A readable name of what a node calls: the method name, the function's ``__name__`` or the op's name."""
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def _channel_dim_only(n: Node) -> bool:
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+    rank = len(tensor_shape(n.args[0]) or ())
+    return dim in (-1, rank - 1)
+
+
+def not_tokenwise(n: Node) -> str | None:
+    """Why ``n`` may not run on a subset of tokens (None: it acts on each token alone): linears, LayerNorms over
+    channels, identity dropouts, casts, elementwise ops and channel chunks/splits are token-wise."""
+    if n.op not in ("call_function", "call_method"):
+        return f"{n.op} node {n.name}"
+    kind, name = op_kind(n), target_name(n)
+    if kind == "layer_norm":
+        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+        return None if isinstance(shape, (list, tuple)) and len(shape) == 1 else f"{n.name}: norm over more than channels"
+    if kind == "dropout":
+        return None if dropout_is_identity(n) else f"{n.name}: active dropout"
+    if kind in ("linear", "cast", "add", "scale"):
+        return None
+    if name in _CHANNEL_SPLITS:
+        return None if _channel_dim_only(n) else f"{n.name}: {name} over a non-channel dimension"
+    if name == "getitem":
+        src = n.args[0]
+        ok = isinstance(src, Node) and target_name(src) in _CHANNEL_SPLITS and isinstance(n.args[1], int)
+        return None if ok else f"{n.name}: indexing a token tensor"
+    if name in _ELEMENTWISE:
+        return None
+    return f"{n.name} ({name}) is not proved token-wise"
+
+
 def replay(chain: Sequence[Node], start: Node, value: torch.Tensor) -> torch.Tensor | None:
     """Run ``chain`` (layout/cast/scale/dropout nodes in order, fed by ``start``) on a concrete tensor.
 

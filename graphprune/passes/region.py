@@ -24,23 +24,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
+import torch
 from torch.fx import Graph, Node
-from torch.fx.node import map_arg
 
 from ..config import PruneConfig
-from ..methods.base import SiteGeometry, SiteSkip, TokenMethod
+from ..methods.base import RandomSpec, SiteGeometry, SiteSkip, TokenMethod
 from ..report import SiteReport
 from .match import AttentionSite, TransformerStack, find_transformer_stacks, module_path
-from .ops import dropout_is_identity, node_val, op_kind, real_users, assert_users, tensor_shape
+from .ops import node_val, not_tokenwise, real_users, tensor_shape
+from .splice import Splicer, attention_call, gate, named, projection_weights, token_calls
 
 log = logging.getLogger(__name__)
 
-_ELEMENTWISE = {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "add", "sub", "div", "neg", "exp", "pow",
-                "square", "rsqrt", "sqrt", "softplus", "mish", "erf", "gelu.default", "silu.default", "mul.Tensor",
-                "add.Tensor", "sub.Tensor", "div.Tensor", "contiguous", "contiguous.default", "clone"}
-_CHANNEL_SPLITS = {"chunk", "split", "chunk.default", "split.Tensor", "split_with_sizes.default"}
+#: (random specs, device) -> the new placeholder nodes (``RewriteResult`` records them)
+AddRandom = Callable[[tuple[RandomSpec, ...], torch.device], list[Node]]
 
 
 @dataclass
@@ -58,39 +57,6 @@ class Region:
     sites: list[int]
     rank_site: int | None
     span: str
-
-
-def _name(n: Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def _channel_dim_only(n: Node) -> bool:
-    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
-    rank = len(tensor_shape(n.args[0]) or ())
-    return dim in (-1, rank - 1)
-
-
-def not_tokenwise(n: Node) -> str | None:
-    """Why ``n`` may not run on a subset of tokens (None: it acts on each token alone)."""
-    if n.op not in ("call_function", "call_method"):
-        return f"{n.op} node {n.name}"
-    kind, name = op_kind(n), _name(n)
-    if kind == "layer_norm":
-        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
-        return None if isinstance(shape, (list, tuple)) and len(shape) == 1 else f"{n.name}: norm over more than channels"
-    if kind == "dropout":
-        return None if dropout_is_identity(n) else f"{n.name}: active dropout"
-    if kind in ("linear", "cast", "add", "scale"):
-        return None
-    if name in _CHANNEL_SPLITS:
-        return None if _channel_dim_only(n) else f"{n.name}: {name} over a non-channel dimension"
-    if name == "getitem":
-        src = n.args[0]
-        ok = isinstance(src, Node) and _name(src) in _CHANNEL_SPLITS and isinstance(n.args[1], int)
-        return None if ok else f"{n.name}: indexing a token tensor"
-    if name in _ELEMENTWISE:
-        return None
-    return f"{n.name} ({name}) is not proved token-wise"
 
 
 def _layer_nodes(graph: Graph, layer: str) -> list[Node]:
@@ -184,25 +150,12 @@ def find_region(graph: Graph, stack: TransformerStack, sites: list[AttentionSite
     return Region(stack=stack, start=start, end=end, body=body, sites=inner, rank_site=rank_site, span=span)
 
 
-def _annotate(sp: Any, node: Node, original: Node) -> None:
-    if sp.fake_mode is None:
-        return
-    args = map_arg(node.args, node_val)
-    kwargs = map_arg(node.kwargs, node_val)
-    with sp.fake_mode:
-        node.meta[sp.val_key] = (getattr(args[0], original.target)(*args[1:], **kwargs)
-                                 if original.op == "call_method" else original.target(*args, **kwargs))
-
-
-def splice_region(sp: Any, region: Region, sites: list[AttentionSite], plan: Node, method: TokenMethod,
+def splice_region(sp: Splicer, region: Region, sites: list[AttentionSite], plan: Node, method: TokenMethod,
                   config: PruneConfig) -> list[Node]:
     """Reduce at ``region.start``, copy the span onto K tokens, restore at ``region.end``; erase the old span.
     ``plan`` must already be in the graph after ``region.end``; the new nodes follow it. Returns them."""
-    from .rewrite import _attention_call, _named, _weights
-
     graph = sp.graph
-    reduce = _named(lambda p, x: method.reduce(config, p, x), f"graphprune_{method.name}_reduce")
-    restore = _named(lambda p, y: method.restore(config, p, y), f"graphprune_{method.name}_restore")
+    reduce, restore = token_calls(method, config)
     rebuilt = {sites[i].out.linear: sites[i] for i in region.sites}
     internal = {n for i in region.sites for n in sites[i].internal}
     end = region.end
@@ -215,35 +168,28 @@ def splice_region(sp: Any, region: Region, sites: list[AttentionSite], plan: Nod
                 s = rebuilt[n]
                 xq = env[s.x]
                 kv = xq if s.kind == "self" else s.context
-                env[n] = sp.call(_attention_call(s), (xq, kv, *_weights(s.q), *_weights(s.k), *_weights(s.v),
-                                                      *_weights(s.out)), n)
+                env[n] = sp.call(attention_call(s), (xq, kv, *projection_weights(s)), n)
             elif n in internal:
                 continue
             else:
-                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
-                _annotate(sp, env[n], n)
+                env[n] = sp.copy(n, env)
             new.append(env[n])
         back = sp.call(restore, (plan, env[end]), end)
         new.append(back)
     for user in list(real_users(end)):
         if user not in region.body and user is not back:
             user.replace_input_with(end, back)
-    doomed = set(region.body) | internal
-    for n in reversed(list(graph.nodes)):
-        if n in doomed and not real_users(n):
-            for a in assert_users(n):
-                graph.erase_node(a)
-            graph.erase_node(n)
+    sp.erase(set(region.body) | internal)
     return new
 
 
-def rewrite_regions(sp: Any, sites: list[AttentionSite], levels: dict[int, int], config: PruneConfig,
+def rewrite_regions(sp: Splicer, sites: list[AttentionSite], levels: dict[int, int], config: PruneConfig,
                     method: TokenMethod, reports: dict[int, SiteReport], context: dict[str, Node],
-                    missing: list[str], random_inputs: list) -> tuple[list[SiteReport], bool]:
+                    missing: list[str], add_random: AddRandom) -> tuple[list[SiteReport], bool]:
     """Rewrite every transformer stack ``config`` selects into its region form.
 
     Returns (one report per stack, kind ``"block"``; whether the graph changed). Site reports of attentions inside
-    a region are updated in ``reports``; random-input specs are appended to ``random_inputs``.
+    a region are updated in ``reports``; ``add_random`` makes the plans' random inputs.
     """
     graph = sp.graph
     stacks = find_transformer_stacks(sites)
@@ -256,17 +202,9 @@ def rewrite_regions(sp: Any, sites: list[AttentionSite], levels: dict[int, int],
         rep = SiteReport(module_path=st.path or "<root>", kind="block", form=f"{len(st.layers)} layer(s)", N=st.N,
                          C=st.C, heads=sites[first].heads, grid=st.grid, level=level)
         out.append(rep)
-        if st.grid is None:
-            rep.status, rep.reason = "skipped", "token grid unknown (no (B, C, H, W) -> (B, H*W, C) flattening found)"
-            continue
-        if level is None or level > config.max_downsample:
-            rep.reason = f"level {level} > max_downsample={config.max_downsample}"
-            continue
-        if config.ratio == 0:
-            rep.reason = "ratio=0: unchanged"
-            continue
-        if missing:
-            rep.status, rep.reason = "skipped", f"{method.name} needs {missing} (state of the step-aware runtime)"
+        verdict = gate(st.grid, level, config, method, missing)
+        if verdict:
+            rep.status, rep.reason = verdict
             continue
         region = find_region(graph, st, sites, method, config)
         if isinstance(region, str):
@@ -286,24 +224,7 @@ def rewrite_regions(sp: Any, sites: list[AttentionSite], levels: dict[int, int],
         except SiteSkip as exc:
             rep.status, rep.reason = "skipped", str(exc)
             continue
-        device = node_val(region.start).device
-        rand_nodes = []
-        for spec in method.random_inputs(config, geo):
-            rand_nodes.append(sp.placeholder(f"graphprune_random_{len(random_inputs)}", spec, device))
-            random_inputs.append((spec, device))
-        state = [context[name] for name in method.context_inputs]
-        from .rewrite import _named
-
-        if rank is not None:
-            (qs, qw), (ks, kw) = (rank.q.start, rank.q.width), (rank.k.start, rank.k.width)
-            plan_fn = _named(lambda qf, kf, *r, _g=geo, _q=(qs, qs + qw), _k=(ks, ks + kw): method.plan(
-                config, _g, qf[..., _q[0]:_q[1]], kf[..., _k[0]:_k[1]], *r), f"graphprune_{method.name}_plan")
-            plan_args = (rank.q.linear, rank.k.linear, *state, *rand_nodes)
-        else:
-            plan_fn = _named(lambda m, *r, _g=geo: method.plan(config, _g, m, *r), f"graphprune_{method.name}_plan")
-            plan_args = (region.start, *state, *rand_nodes)
-        with graph.inserting_before(region.end.next):
-            plan = sp.call(plan_fn, plan_args, region.end)
+        plan = _insert_region_plan(sp, region, rank, geo, config, method, context, add_random)
         splice_region(sp, region, sites, plan, method, config)
         source = f"G-WPR of {rank.module_path}" if rank else f"similarity on {region.start.name}"
         rep.status = "pruned"
@@ -320,4 +241,24 @@ def rewrite_regions(sp: Any, sites: list[AttentionSite], levels: dict[int, int],
     return out, changed
 
 
-__all__ = ["Region", "find_region", "not_tokenwise", "rewrite_regions", "splice_region"]
+def _insert_region_plan(sp: Splicer, region: Region, rank: AttentionSite | None, geo: SiteGeometry,
+                        config: PruneConfig, method: TokenMethod, context: dict[str, Node], add_random: AddRandom
+                        ) -> Node:
+    """The plan of a region, right after ``region.end``: from the ranking attention's q and k (AT-EDM) or from the
+    residual stream at the pruning point."""
+    rand_nodes = add_random(method.random_inputs(config, geo), node_val(region.start).device)
+    state = [context[name] for name in method.context_inputs]
+    name = f"graphprune_{method.name}_plan"
+    if rank is not None:
+        (qs, qw), (ks, kw) = (rank.q.start, rank.q.width), (rank.k.start, rank.k.width)
+        plan_fn = named(lambda qf, kf, *r: method.plan(config, geo, qf[..., qs:qs + qw], kf[..., ks:ks + kw], *r),
+                        name)
+        plan_args = (rank.q.linear, rank.k.linear, *state, *rand_nodes)
+    else:
+        plan_fn = named(lambda m, *r: method.plan(config, geo, m, *r), name)
+        plan_args = (region.start, *state, *rand_nodes)
+    with sp.graph.inserting_before(region.end.next):
+        return sp.call(plan_fn, plan_args, region.end)
+
+
+__all__ = ["Region", "find_region", "rewrite_regions", "splice_region"]

@@ -20,24 +20,24 @@ Offsets come from graphprune's own generator, reseeded at each generation, drawn
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.fx import GraphModule
 
-from .config import CaToMeConfig, config_to_dict
-from .inner import compile_inner
-from .methods.base import SiteGeometry, TokenMethod, method_for
-from .methods.catome import bucket_for, site_counts
-from .passes.cut import copy_graph_module, find_timestep_input
-from .passes.ops import node_val
-from .passes.rewrite import prune_graph
-from .refresh import RefreshSchedule, build_refresh
-from .report import GraphReport
-from .runtime import _RUNTIMES
+from ..config import PruneConfig
+from ..inner import compile_inner
+from ..methods.base import SiteGeometry, StateSpec, TokenMethod
+from ..methods.refresh import RefreshSchedule, build_refresh
+from ..passes.cut import copy_graph_module
+from ..passes.ops import node_val
+from ..passes.rewrite import prune_graph
+from ..report import GraphReport
+from .base import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +63,22 @@ class MatchVariant:
                 "pruned_sites": len(pruned), "budgets": [(s.module_path, s.N, s.K) for s in pruned]}
 
 
-class MatchCacheRuntime:
-    """The callable the backend returns for ``method="catome"`` (see the module docstring)."""
+class MatchCacheRuntime(Runtime):
+    """The callable the backend returns for methods whose plans are carried across steps (``method="catome"``; see
+    the module docstring). The method provides the state (:meth:`~graphprune.methods.base.TokenMethod.state_specs`,
+    one spec named by its ``count_state`` holds [r the buckets may rely on, merged tokens]) and its budget buckets
+    (``bucket_for``, ``fixed_bucket``)."""
 
-    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: CaToMeConfig,
+    name = "match-cache"
+
+    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: PruneConfig, method: TokenMethod,
                  reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
-        self.config = config
+        super().__init__(gm, example_inputs, config, method, reports, all_reports, register)
         self.refresh: RefreshSchedule = build_refresh(config.refresh)
-        self.method: TokenMethod = method_for(config)
-        self._sinks = [r for r in (reports, all_reports) if r is not None]
-        self.base = gm
-        t_index = find_timestep_input(gm.graph)
-        if t_index is None:
-            raise ValueError("method 'catome' caches matches across denoising steps, but the traced graph has no "
-                             "timestep input: pass the timestep as a tensor (diffusers pipelines do)")
-        self.t_index = t_index
-        self.n_user = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        outs = output.args[0]
-        self.n_outputs = len(outs) if isinstance(outs, (list, tuple)) else 1
         self.variants: dict[tuple[str, Buckets], MatchVariant] = {}
-        self._keys = {t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor) and t.numel() > 1}
-        self.device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         self.generator = torch.Generator(device=self.device)
+        self.state_specs: list[tuple[StateSpec, ...]] = []
+        self.random_specs: list = []
         # sites and their geometry, from the refresh graph with buckets 0 (compiled now: errors surface here)
         first = self._variant("refresh" if config.exact else "fixed", None, example_inputs)
         self.sites = [(s.module_path, SiteGeometry(B=0, N=s.N, C=s.C or 0, H=s.grid[0], W=s.grid[1], level=s.level))
@@ -93,14 +86,20 @@ class MatchCacheRuntime:
         self.zero: Buckets = tuple(0 for _ in self.sites)
         self.stats = {"refresh_calls": 0, "cached_calls": 0, "reruns": 0, "refresh_seconds": 0.0,
                       "cached_seconds": 0.0, "merged_fraction": []}
-        self.generation = 0
+        self.call_keys: list[tuple[str, Buckets]] = []  # the variant every graph run of this generation used
         self.previous_call_keys: list[tuple[str, Buckets]] = []
-        self.previous_kinds: list[str] = []
-        if register:
-            _RUNTIMES.add(self)
-        self.reset(reason="new runtime")
-        log.info("graphprune[catome]: T=%g, %s, %d site(s), exact=%s", config.threshold, self.refresh.describe(),
-                 len(self.sites), config.exact)
+        self.reset_state()
+        log.info("graphprune[%s]: T=%g, %s, %d site(s), exact=%s", config.method, config.threshold,
+                 self.refresh.describe(), len(self.sites), config.exact)
+
+    def _counts_of(self, state: list[torch.Tensor], specs: list[tuple[StateSpec, ...]]) -> list[torch.Tensor]:
+        """Each site's ``count_state`` tensor (found by name in its specs) from the flat carried state."""
+        out, offset = [], 0
+        for site_specs in specs:
+            names = [spec.name for spec in site_specs]
+            out.append(state[offset + names.index(self.method.count_state)])
+            offset += len(site_specs)
+        return out
 
     # ---------------------------------------------------------------- variants
     def _fixed_buckets(self, examples: list[Any], gm_sites: list[tuple[str, SiteGeometry]]) -> Buckets:
@@ -108,18 +107,17 @@ class MatchCacheRuntime:
         exact refresh graph eagerly on the first call's inputs."""
         cfg = self.config
         if cfg.fixed_ratio is not None:
-            return tuple(min(int(g.N * cfg.fixed_ratio), site_counts(cfg, g)[2]) for _, g in gm_sites)
-        import dataclasses
-
+            return tuple(self.method.fixed_bucket(cfg, g) for _, g in gm_sites)
         exact_cfg = dataclasses.replace(cfg, exact=True, compiler="eager", mode=None)
         gm = copy_graph_module(self.base)
         result = prune_graph(gm, exact_cfg, self.method, state_mode="produce", warn_unpruned=False)
         rand = [torch.zeros(s.shape, dtype=torch.int64, device=d) for s, d in result.random_inputs]
         with torch.no_grad():
             out = gm(*examples, *rand)
-        counts = [int(t[0]) for t in out[self.n_outputs:][4::5]]  # stats[0] of each site: the r T allows
-        log.info("graphprune[catome]: exact=False calibrated from T=%g on the first call: r per site %s",
-                 cfg.threshold, counts)
+        specs = [site_specs for _, site_specs in result.state_sites]
+        counts = [int(t[0]) for t in self._counts_of(list(out[self.n_outputs:]), specs)]  # the r T allows
+        log.info("graphprune[%s]: exact=False calibrated from T=%g on the first call: r per site %s",
+                 cfg.method, cfg.threshold, counts)
         return tuple(counts)
 
     def _build(self, kind: str, buckets: Buckets | None, examples: list[Any] | None) -> MatchVariant:
@@ -135,13 +133,13 @@ class MatchCacheRuntime:
             site_buckets = dict(zip((p for p, _ in sites), buckets))
         result = prune_graph(gm, self.config, self.method, state_mode=mode, site_buckets=site_buckets,
                              warn_unpruned=buckets is None)
-        for sink in self._sinks:
-            sink.append(result.report)
+        self.record(result.report)
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         extra = placeholders[self.n_user:]
         if buckets is None:
             buckets = tuple(0 for _ in result.state_sites)
-        self.random_specs = result.random_inputs or getattr(self, "random_specs", [])
+        if result.random_inputs:
+            self.random_specs = result.random_inputs
         self.state_specs = [specs for _, specs in result.state_sites]
         ex = list(examples) if examples is not None else None
         if ex is None:
@@ -166,7 +164,8 @@ class MatchCacheRuntime:
         if variant is None:
             variant = self._build(kind, buckets, list(args))
             self.variants[(kind, variant.buckets if kind != "fixed" else ())] = variant
-            log.info("graphprune[catome]: compiled the %s variant with buckets %s", kind, list(variant.buckets))
+            log.info("graphprune[%s]: compiled the %s variant with buckets %s", self.config.method, kind,
+                     list(variant.buckets))
         return variant
 
     def _affordable(self, kind: str, wanted: Buckets) -> Buckets:
@@ -178,41 +177,32 @@ class MatchCacheRuntime:
         if not fits:
             if kind == "refresh":
                 return self.zero
-            raise RuntimeError(f"graphprune[catome]: max_variants={self.config.max_variants} graphs are compiled "
+            raise RuntimeError(f"graphprune[{self.config.method}]: max_variants={self.config.max_variants} graphs are compiled "
                                f"and none fits buckets {list(wanted)}; raise max_variants or use fewer buckets")
         return max(fits, key=sum)
 
     def _choose(self, safe: list[int]) -> Buckets:
         """Per-site merge counts r the data allows -> per-site buckets (grouped by level unless bucket_scope='site')."""
-        per_site = [bucket_for(self.config, g, r) for (_, g), r in zip(self.sites, safe)]
+        per_site = [self.method.bucket_for(self.config, g, r) for (_, g), r in zip(self.sites, safe)]
         if self.config.bucket_scope == "site":
             return tuple(per_site)
         # a level's bucket: the largest fraction every site of the level allows
         frac: dict[int, float] = {}
         for (_, g), b in zip(self.sites, per_site):
             frac[g.level] = min(frac.get(g.level, 1.0), b / g.N)
-        return tuple(bucket_for(self.config, g, int(round(frac[g.level] * g.N))) for _, g in self.sites)
+        return tuple(self.method.bucket_for(self.config, g, int(round(frac[g.level] * g.N))) for _, g in self.sites)
 
     # ---------------------------------------------------------------- stepping
-    def reset(self, reason: str = "explicit") -> None:
+    def end_generation(self) -> None:
+        self.previous_call_keys = self.call_keys
+
+    def reset_state(self) -> None:
         """Forget the cached matches; the next call is call 0 (a refresh) of a new generation."""
-        if getattr(self, "step", 0):
-            self.generation += 1
-            self.previous_call_keys = self.call_keys
-            self.previous_kinds = self.kinds
-        self.call_keys: list[tuple[str, Buckets]] = []  # the variant every graph run of this generation used
-        self.step = 0
-        self.last_t: float | None = None
+        self.call_keys = []
         self.state: list[torch.Tensor] | None = None
         self.window: Buckets = self.zero
         self.rand: list[torch.Tensor] = []
-        self.kinds: list[str] = []
         self.generator.manual_seed(self.config.seed)
-        log.debug("graphprune[catome]: state reset (%s)", reason)
-
-    def _timestep(self, args: tuple[Any, ...]) -> float:
-        t = args[self.t_index]
-        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
     def _draw(self) -> list[torch.Tensor]:
         return [torch.randint(spec.high, spec.shape, generator=self.generator, device=self.device).to(device)
@@ -239,10 +229,7 @@ class MatchCacheRuntime:
             named["graphprune_refresh"] = torch.tensor(flag, device=self.device)
         return [named[name] if name in named else self._example(name, variant.gm) for name in variant.extra]
 
-    def __call__(self, *args: Any) -> Any:
-        t = self._timestep(args)
-        if self.last_t is not None and t > self.last_t:
-            self.reset(reason=f"timestep rose from {self.last_t:g} to {t:g}")
+    def run_step(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
         refresh = self.state is None or self.refresh.is_refresh(self.step)
         start = time.perf_counter()
         if not self.config.exact:
@@ -259,10 +246,7 @@ class MatchCacheRuntime:
         key = "refresh" if refresh else "cached"
         self.stats[f"{key}_calls"] += 1
         self.stats[f"{key}_seconds"] += time.perf_counter() - start
-        self.kinds.append(key)
-        self.last_t = t
-        self.step += 1
-        return out[: self.n_outputs]
+        return out[: self.n_outputs], key
 
     def _refresh(self, buckets: Buckets, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[int]]:
         """Run a refresh call speculatively with ``buckets``; rerun with buckets 0 if a site's r fell below."""
@@ -272,8 +256,8 @@ class MatchCacheRuntime:
         safe = [int(s[0]) for s in stats]
         if any(r < b for r, b in zip(safe, variant.buckets)):
             self.stats["reruns"] += 1
-            log.debug("graphprune[catome]: refresh at call %d with buckets %s but r=%s: rerun with buckets 0",
-                      self.step, list(variant.buckets), safe)
+            log.debug("graphprune[%s]: refresh at call %d with buckets %s but r=%s: rerun with buckets 0",
+                      self.config.method, self.step, list(variant.buckets), safe)
             out = self._run(self._variant("refresh", self.zero, args), args)
             stats = self._counts(out)
             safe = [int(s[0]) for s in stats]
@@ -284,7 +268,7 @@ class MatchCacheRuntime:
 
     def _counts(self, out: tuple[Any, ...]) -> list[list[int]]:
         """[r the buckets may rely on, merged tokens over the batch] per site: the one host read of a refresh."""
-        stats = list(out[self.n_outputs:][4::5])
+        stats = self._counts_of(list(out[self.n_outputs:]), self.state_specs)
         return torch.stack(stats).tolist() if stats else []
 
     # ---------------------------------------------------------------- reporting
@@ -298,29 +282,23 @@ class MatchCacheRuntime:
         rows = self.stats["merged_fraction"]
         return sum(sum(r) / len(r) for r in rows) / len(rows) if rows and self.sites else None
 
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state or ())
+    def state_tensors(self) -> Iterable[Any]:
+        return self.state or ()
 
-    def describe(self) -> dict[str, Any]:
+    def describe_extra(self) -> dict[str, Any]:
         stats = {k: v for k, v in self.stats.items() if k != "merged_fraction"}
-        return {"method": "catome", "config": config_to_dict(self.config), "schedule": self.refresh.describe(),
-                "cut_description": "none (the match is cached, not a feature)", "generation": self.generation,
-                "step": self.step, "window_buckets": list(self.window),
-                "sites": [(p, g.N) for p, g in self.sites], "variants": [v.describe() for v in self.variants.values()],
-                "max_variants": self.config.max_variants, "state_bytes": self.state_bytes(),
+        return {"schedule": self.refresh.describe(), "cut_description": "none (the match is cached, not a feature)",
+                "window_buckets": list(self.window), "sites": [(p, g.N) for p, g in self.sites],
+                "variants": [v.describe() for v in self.variants.values()], "max_variants": self.config.max_variants,
                 "mean_merged_fraction": self.mean_merged_fraction(), **stats}
 
     def __str__(self) -> str:
         d = self.describe()
-        lines = [f"graphprune[catome] runtime: T={self.config.threshold:g}, {d['schedule']}; generation "
+        lines = [f"graphprune[{d['method']}] runtime: T={self.config.threshold:g}, {d['schedule']}; generation "
                  f"{d['generation']}, call {d['step']}; {d['refresh_calls']} refresh / {d['cached_calls']} cached "
                  f"calls, {d['reruns']} rerun(s); state held {d['state_bytes'] / 2**20:.2f} MiB"]
         for v in d["variants"]:
             lines.append(f"  variant {v['kind']:<8} buckets={v['buckets']} calls={v['calls']} ops={v['ops']}")
         return "\n".join(lines)
-
-    def owns(self, tensors: Any) -> bool:
-        return any(t.data_ptr() in self._keys for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 1)
-
 
 __all__ = ["MatchCacheRuntime", "MatchVariant"]

@@ -19,9 +19,7 @@ consumed. ``graphprune.reset(model)`` resets explicitly; ``describe()`` lists th
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -29,21 +27,18 @@ import torch
 import torch._inductor
 from torch.fx import GraphModule, Node
 
-from .config import CachingConfig, PruneConfig, config_to_dict
-from .inner import RandomFeed, compile_inner
-from .methods.base import TokenMethod, method_for
-from .passes.cut import (CutPoint, add_input, copy_graph_module, find_cut, find_timestep_input, full_graph,
-                         running_modules, shallow_graph)
-from .passes.match import find_attention_sites
-from .passes.ops import node_val
-from .passes.rewrite import prune_graph
-from .report import GraphReport
-from .schedule import Schedule, build_schedule
+from ..config import PruneConfig
+from ..inner import RandomFeed, compile_inner
+from ..methods.base import TokenMethod
+from ..passes.cut import CutPoint, add_input, copy_graph_module, find_cut, full_graph, running_modules, shallow_graph
+from ..passes.match import find_attention_sites
+from ..passes.ops import node_val
+from ..passes.rewrite import prune_graph
+from ..report import GraphReport
+from ..schedule import Schedule, build_schedule
+from .base import Runtime
 
 log = logging.getLogger(__name__)
-
-#: Every live runtime (for ``graphprune.reset`` / ``graphprune.runtimes`` lookups by model).
-_RUNTIMES: "weakref.WeakSet[StepRuntime]" = weakref.WeakSet()
 
 
 @dataclass
@@ -74,62 +69,31 @@ class StepState:
     outputs: tuple[Any, ...] | None = None  # the previous call's outputs (returned on reuse steps)
     eps: list[torch.Tensor] = field(default_factory=list)  # the last two noise predictions, newest first
 
-    def nbytes(self) -> int:
-        tensors = [self.cache, *(self.outputs or ()), *self.eps]
-        seen: dict[int, int] = {}
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                seen[id(t)] = t.numel() * t.element_size()
-        return sum(seen.values())
 
 
-class _NoPruning(TokenMethod):
-    """Stands in for a method when a caching-only config (ratio 0) is reported: nothing is planned."""
+class StepRuntime(Runtime):
+    """The callable the backend returns for step-aware configs (see the module docstring)."""
 
-    name = "none"
+    name = "steps"
 
-
-class StepRuntime:
-    """The callable the backend returns for step-aware configs (see the module docstring).
-
-    gm: the graph Dynamo traced (never edited in place); example_inputs: its example inputs.
-    """
-
-    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: CachingConfig | PruneConfig,
+    def __init__(self, gm: GraphModule, example_inputs: list[Any], config: PruneConfig, method: TokenMethod,
                  reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
-        self.config = config
+        super().__init__(gm, example_inputs, config, method, reports, all_reports, register)
         #: feature caching (full/shallow/reuse over a graph cut) or phases only (AT-EDM's DSAP: "early"/"late",
         #: each a differently pruned copy of the whole graph; no cut, no cached tensor)
         self.caches = config.caches
         self.schedule: Schedule = build_schedule(config) if self.caches else config.step_schedule()
         self.first_kind = "full" if self.caches else self.schedule.first_kind
-        self.method: TokenMethod = method_for(config) if config.ratio > 0 else _NoPruning()
-        self._reports_sinks = [r for r in (reports, all_reports) if r is not None]
-        self.base = gm
-        t_index = find_timestep_input(gm.graph)
-        if t_index is None:
-            raise ValueError(f"method {config.method!r} is step-aware but the traced graph has no timestep input: "
-                             "pass the timestep as a tensor (diffusers pipelines do), not a Python number")
-        self.t_index = t_index
         self.cut: CutPoint | None = find_cut(gm.graph, config.cache_branch) if self.caches else None
         output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs = output.args[0]
-        self.n_outputs = len(outs) if isinstance(outs, (list, tuple)) else 1
         self.eps_like = node_val(outs[0] if isinstance(outs, (list, tuple)) else outs)
         sites, _ = find_attention_sites(gm.graph)
         self.finest_tokens = max((s.N for s in sites if s.kind == "self" and s.grid is not None), default=None)
         self.variants: dict[tuple[str, float], Variant] = {}
         self.state = StepState()
-        self.step = 0
-        self.generation = 0
-        self.last_t: float | None = None
-        self.kinds: list[str] = []  # kinds run in the current generation
-        self.previous_kinds: list[str] = []  # kinds run in the previous generation
         # CUDA-graph modes replay into static output buffers: tensors kept across steps must be copies
         self._copy_state = bool(config.mode and torch._inductor.list_mode_options(config.mode).get("triton.cudagraphs"))
-        self._keys = {t.data_ptr() for t in example_inputs if isinstance(t, torch.Tensor) and t.numel() > 1}
-        if register:
-            _RUNTIMES.add(self)
         self._variant(self.first_kind, example_inputs)  # compile the first variant now: errors surface early
         log.info("graphprune[%s]: %s; cut at %s", config.method, self.schedule.describe(), self._cut_description())
 
@@ -157,8 +121,7 @@ class StepRuntime:
                              warn_unpruned=kind == self.first_kind)
         if context and not result.changed:  # nothing reads the state inputs: keep them (callers pass them)
             gm.recompile()
-        for sink in self._reports_sinks:
-            sink.append(result.report)
+        self.record(result.report)
         return gm, result.report, result.random_inputs, modules
 
     def _variant(self, kind: str, args: Iterable[Any]) -> Variant:
@@ -206,27 +169,17 @@ class StepRuntime:
         return out
 
     # ---------------------------------------------------------------- stepping
-    def reset(self, reason: str = "explicit") -> None:
-        """Forget every cross-step tensor; the next call is step 0 (full) of a new generation."""
+    def end_generation(self) -> None:
         length = self.schedule.length
-        if length is not None and self.kinds and len(self.kinds) != length:
+        if length is not None and len(self.kinds) != length:
             log.warning("graphprune[%s]: the generation made %d UNet calls but schedule %r covers %d; check "
                         "num_steps", self.config.method, len(self.kinds), self.schedule.name, length)
-        if self.kinds:
-            self.previous_kinds = self.kinds
-            self.generation += 1
+
+    def reset_state(self) -> None:
         self.state = StepState()
-        self.step = 0
-        self.kinds = []
-        self.last_t = None
         for variant in self.variants.values():  # every generation draws the same random inputs: reproducible
             if variant.feed is not None:
                 variant.feed.reseed()
-        log.debug("graphprune[%s]: state reset (%s)", self.config.method, reason)
-
-    def _timestep(self, args: tuple[Any, ...]) -> float:
-        t = args[self.t_index]
-        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
     def next_kind(self) -> str:
         """The kind the next call will run (step 0 and a missing cache or output force a full step)."""
@@ -237,10 +190,7 @@ class StepRuntime:
             return "full"
         return kind
 
-    def __call__(self, *args: Any) -> Any:
-        t = self._timestep(args)
-        if self.last_t is not None and t > self.last_t:
-            self.reset(reason=f"timestep rose from {self.last_t:g} to {t:g}")
+    def run_step(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], str]:
         kind = self.next_kind()
         if kind == "reuse":
             outputs = self.state.outputs
@@ -260,10 +210,7 @@ class StepRuntime:
         if self.method.context_inputs:
             self.state.eps = [eps] + self.state.eps[:1]
         self.state.outputs = outputs
-        self.last_t = t
-        self.step += 1
-        self.kinds.append(kind)
-        return outputs
+        return outputs, kind
 
     # ---------------------------------------------------------------- reporting
     @property
@@ -272,17 +219,14 @@ class StepRuntime:
         backend's)."""
         return self.variants[(self.first_kind, self.config.ratio)].gm
 
-    def state_bytes(self) -> int:
-        """Bytes of the cross-step tensors held now."""
-        return self.state.nbytes()
+    def state_tensors(self) -> Iterable[Any]:
+        return [self.state.cache, *(self.state.outputs or ()), *self.state.eps]
 
-    def describe(self) -> dict[str, Any]:
-        """Schedule, cut, compiled variants and the state held, as plain data."""
-        return {"method": self.config.method, "config": config_to_dict(self.config),
-                "schedule": self.schedule.describe(), "cut": dataclasses.asdict(self.cut) if self.cut else None,
-                "cut_description": self._cut_description(), "generation": self.generation, "step": self.step,
-                "variants": [v.describe() for v in self.variants.values()], "max_variants": self.config.max_variants,
-                "state_bytes": self.state_bytes()}
+    def describe_extra(self) -> dict[str, Any]:
+        """Schedule, cut and the compiled variants, as plain data."""
+        return {"schedule": self.schedule.describe(), "cut": dataclasses.asdict(self.cut) if self.cut else None,
+                "cut_description": self._cut_description(),
+                "variants": [v.describe() for v in self.variants.values()], "max_variants": self.config.max_variants}
 
     def __str__(self) -> str:
         d = self.describe()
@@ -293,44 +237,4 @@ class StepRuntime:
                          f"pruned sites={v['pruned_sites']} budgets(N->K)={v['budgets']} modules={len(v['modules'])}")
         return "\n".join(lines)
 
-    def owns(self, tensors: Iterable[torch.Tensor]) -> bool:
-        """Whether any of ``tensors`` (a model's parameters) was an input of this runtime's graph."""
-        return any(t.data_ptr() in self._keys for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 1)
-
-
-def _module_of(obj: Any) -> torch.nn.Module | None:
-    if isinstance(obj, torch.nn.Module):
-        return getattr(obj, "_orig_mod", obj)
-    for name in ("unet", "transformer"):
-        inner = getattr(obj, name, None)
-        if isinstance(inner, torch.nn.Module):
-            return _module_of(inner)
-    return None
-
-
-def runtimes(obj: Any = None) -> list[StepRuntime]:
-    """The live runtimes of a model (a compiled or plain module, or a pipeline), or all of them for ``None``."""
-    if isinstance(obj, StepRuntime):
-        return [obj]
-    gc.collect()  # runtimes of graphs Dynamo dropped (torch._dynamo.reset, recompiles) may sit in reference cycles
-    live = list(_RUNTIMES)
-    if obj is None:
-        return live
-    module = _module_of(obj)
-    if module is None:
-        raise TypeError(f"expected a model, a compiled model or a pipeline with .unet, got {type(obj).__name__}")
-    params = [*module.parameters(), *module.buffers()]
-    return [r for r in live if r.owns(params)]
-
-
-def reset(obj: Any = None) -> int:
-    """Reset the cross-step state of every runtime of ``obj`` (all runtimes for ``None``). Returns how many."""
-    found = runtimes(obj)
-    for r in found:
-        r.reset()
-    if obj is not None and not found:
-        log.info("graphprune.reset: no step-aware runtime found for this model (nothing compiled yet?)")
-    return len(found)
-
-
-__all__ = ["StepRuntime", "Variant", "StepState", "runtimes", "reset"]
+__all__ = ["StepRuntime", "Variant", "StepState"]
