@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import graphprune
-from graphprune.methods import CachingConfig, parse_options
 from graphprune.archs import ARCHS, TRANSFORMERS, build_model, example_inputs
-from graphprune.methods import registered_methods
+from graphprune.methods import parse_options, registered_methods
 from graphprune.passes.match import find_attention_sites
 from helpers import compile_with, rel_err
 from test_todo_random import RefProcessor, install
@@ -23,7 +22,7 @@ from test_todo_random import RefProcessor, install
 DITS = sorted(TRANSFORMERS)
 GRIDS = {64: (8, 8, 1)}  # latent 16, patch 2
 #: step-aware methods (feature caching) cut the U-Net's up path: they do not apply to DiTs and must say so
-STEP_AWARE = {m for m in registered_methods() if isinstance(parse_options({"method": m}), CachingConfig)}
+STEP_AWARE = {m for m in registered_methods() if parse_options({"method": m}).caches}
 PRUNING = sorted(set(registered_methods()) - STEP_AWARE)
 
 
@@ -66,19 +65,20 @@ def test_no_graph_breaks(dit):
 
 @pytest.mark.parametrize("method", PRUNING)
 def test_every_method_runs_and_compiles_once(dit, method):
-    from test_conformance import REGION_ONLY, model_options
+    from test_conformance import every_step
 
     name, model, (args, kwargs) = dit
-    fast, cap = compile_with(model, **model_options(method, ratio=0.5))  # catome: fixed count; atedm: no DSAP
+    fast, cap = compile_with(model, **every_step(method, 0.5))  # catome: fixed count; atedm: no DSAP
     ref = model(*args, **kwargs).sample
     for t in (999, 500, 20):
         out = fast(*args, **{**kwargs, "timestep": torch.full_like(kwargs["timestep"], t)}).sample
     out = fast(*args, **kwargs).sample
-    if method in REGION_ONLY:  # one stack of 2 layers: layer 1 ranks on all N tokens, layer 2 runs on K
+    region = parse_options(every_step(method, 0.5)).scope == ("block",)
+    if region:  # one stack of 2 layers: layer 1 ranks on all N tokens, layer 2 runs on K
         assert len(cap.reports) == 1 and cap.report.count("pruned", "block") == 1
     else:
         assert len(cap.reports) == 1 and cap.report.count("pruned", "self") == 2
-    assert torch.isfinite(out).all() and 1e-4 < rel_err(out, ref) < (1.0 if method in REGION_ONLY else 0.5)
+    assert torch.isfinite(out).all() and 1e-4 < rel_err(out, ref) < (1.0 if region else 0.5)
 
 
 @pytest.mark.parametrize("method, options", [("todo", {"factor": 2}), ("todo", {"downsample_method": "avg_pool"}),
@@ -105,14 +105,12 @@ def test_matches_the_reference_processor(dit, method, options, monkeypatch):
 @pytest.mark.parametrize("method", PRUNING)
 def test_inspect_gives_a_reason_for_every_site_left_alone(dit, method):
     name, model, (args, kwargs) = dit
-    from test_conformance import REGION_ONLY
-
-    scope = "self" if registered_methods()[method].form == "kv" else "self+cross+ff"
-    options = {"method": method, "ratio": 0.5, "scope": scope, "max_downsample": 2}
-    if method in REGION_ONLY:  # AT-EDM: the region form only, DSAP off (one graph)
-        options.update(scope="block", dsap_steps=0)
+    region = parse_options({"method": method}).scope == ("block",)  # AT-EDM: the region form only
+    scope = "block" if region else "self" if registered_methods()[method].form == "kv" else "self+cross+ff"
+    options = {"method": method, **registered_methods()[method].every_step_options(0.5), "scope": scope,
+               "max_downsample": 2}
     report = graphprune.inspect(model, *args, options=options, **kwargs)
-    expected = 1 if method in REGION_ONLY else 2  # AT-EDM's ranking layer stays on all N tokens
+    expected = 1 if region else 2  # AT-EDM's ranking layer stays on all N tokens
     assert report.count("pruned", "self") == expected and report.count("unmatched") == 0
     for site in report.sites:
         assert site.status == "pruned" or site.reason, site
