@@ -109,6 +109,9 @@ class InspectReport:
                 runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
                 lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
                              f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")
+            if r.get("steps_table"):  # step runtimes: the policy's record of each call (kind, signal, threshold)
+                lines.append(f"  steps (forecast {r.get('forecast', 'none')}):")
+                lines.extend("    " + row for row in r["steps_table"].splitlines())
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,11 +9,22 @@ The cut is found from the graph's module structure, never from names in user cod
 diffusers UNet reads ``cat([hidden, skip])``; counting those ResNets from the output end, ``branch`` b cuts the
 ``hidden`` operand of the b-th one. Branch 0 is DeepCache's (pip package) and DaTo's branch 0: the shallow step
 runs ``conv_in``, the last (ResNet, attention) pair of the last up block and the output head.
+
+Two more cuts serve the adaptive step policies (:mod:`graphprune.policy`):
+
+* **the probe** (First Block Cache on a UNet, :func:`find_probe`): every node the output of the first down stage
+  depends on (time embedding, ``conv_in``, ``down_blocks.0``). :func:`probe_graph` keeps only those and outputs the
+  *frontier* (each probe tensor that a later node reads) plus the relative L1 change of the stage's output against
+  a reference input; :func:`remainder_graph` reads the frontier from new inputs instead of computing it.
+* **the Taylor forecast** (TaylorSeer): :func:`add_forecast` makes a shallow graph read the cut tensor as
+  ``F0 + sum_j c_j F_j`` from Taylor factors given as inputs; :func:`add_factor_update` makes a full graph also
+  output the new factors by finite differences against the previous ones.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from dataclasses import dataclass
 
@@ -22,10 +33,12 @@ from torch.fx import Graph, GraphModule, Node
 
 from .match import module_path
 from .ops import node_val, tensor_shape
+from .splice import Splicer
 
 log = logging.getLogger(__name__)
 
 _UP_BLOCK = re.compile(r"^up_blocks\.(\d+)$")
+_FIRST_DOWN = re.compile(r"^down_blocks\.0(\.|$)")
 _UP_RESNET = re.compile(r"^(up_blocks\.\d+\.resnets\.\d+)(\.|$)")
 _CAT_NAMES = ("cat", "cat.default", "concat")
 
@@ -159,6 +172,171 @@ def running_modules(gm: GraphModule, depth: int = 4) -> list[str]:
     return list(seen)
 
 
+# ------------------------------------------------------------------------------------------------ the probe
+@dataclass(frozen=True)
+class ProbeCut:
+    """The probe of the first-block policy: the first down stage's output ``output`` (shape ``shape``), every node it
+    depends on (``nodes``, names), and the ``frontier``: probe tensors that nodes outside the probe read, in graph
+    order (the probe graph's outputs, the remainder graphs' ``graphprune_probe_<i>`` inputs)."""
+
+    output: str
+    shape: tuple[int, ...]
+    nodes: frozenset[str]
+    frontier: tuple[str, ...]
+
+    @property
+    def output_index(self) -> int:
+        """Position of the stage's output among the frontier tensors."""
+        return self.frontier.index(self.output)
+
+    def describe(self) -> str:
+        return (f"output of down_blocks.0 ({'x'.join(map(str, self.shape))}); {len(self.nodes)} nodes, "
+                f"{len(self.frontier)} tensors handed on")
+
+
+def find_probe(graph: Graph) -> ProbeCut:
+    """The probe of a diffusers U-Net graph: the last ``down_blocks.0`` tensor that the next stage reads."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    stage_outputs = [n for n in graph.nodes if n.op == "call_function" and _FIRST_DOWN.match(module_path(n))
+                     and any(not _FIRST_DOWN.match(module_path(u)) and not module_path(u).startswith("up_blocks")
+                             and u.op != "output" for u in n.users)]
+    if not stage_outputs:
+        raise CutError("no first down stage (down_blocks.0 feeding a later stage) in this graph: policy='first-block' "
+                       "needs a diffusers U-Net (UNet2DConditionModel)")
+    output = max(stage_outputs, key=order.__getitem__)
+    shape = tensor_shape(output)
+    if shape is None:
+        raise CutError(f"the probe tensor {output.name} has no static shape (dynamic shapes?); compile with "
+                       "dynamic=False")
+    nodes: set[Node] = set()
+    stack = [output]
+    while stack:
+        n = stack.pop()
+        if n in nodes or n.op in ("placeholder", "get_attr"):
+            continue
+        nodes.add(n)
+        stack.extend(n.all_input_nodes)
+    frontier = [n for n in graph.nodes if n in nodes and isinstance(node_val(n), torch.Tensor)
+                and any(u not in nodes for u in n.users)]
+    return ProbeCut(output=output.name, shape=shape, nodes=frozenset(n.name for n in nodes),
+                    frontier=tuple(n.name for n in frontier))
+
+
+def probe_graph(gm: GraphModule, probe: ProbeCut) -> GraphModule:
+    """A copy of ``gm`` that outputs only the probe's frontier tensors (everything else is dead code)."""
+    out = copy_graph_module(gm)
+    graph = out.graph
+    output = _output_node(graph)
+    output.args = (tuple(_node(graph, name) for name in probe.frontier),)
+    graph.eliminate_dead_code()
+    graph.lint()
+    out.recompile()
+    return out
+
+
+def add_probe_signal(gm: GraphModule, probe: ProbeCut) -> None:
+    """Append to a probe graph a reference input ``graphprune_probe_ref`` (the stage output of the last full step)
+    and, as its last output, the scalar ``mean|p - ref| / mean|ref|`` over the whole batch (First Block Cache's
+    relative L1 change; ``ref`` all zeros gives inf-free garbage, which the policy ignores at a generation's first
+    call). Mutates and recompiles ``gm``."""
+    graph = gm.graph
+    p = _node(graph, probe.output)
+    ref = add_input(graph, "graphprune_probe_ref", node_val(p))
+    sp = Splicer(graph)
+    output = _output_node(graph)
+    with graph.inserting_before(output):
+        diff = sp.call(torch.mean, (sp.call(torch.abs, (sp.call(torch.sub, (p, ref)),)),))
+        scale = sp.call(torch.clamp_min, (sp.call(torch.mean, (sp.call(torch.abs, (ref,)),)), 1e-12))
+        signal = sp.call(torch.div, (diff, scale))
+    output.args = (tuple(output.args[0]) + (signal,),)
+    graph.lint()
+    gm.recompile()
+
+
+def remainder_graph(gm: GraphModule, probe: ProbeCut) -> GraphModule:
+    """A copy of ``gm`` (a full or shallow graph) that reads the frontier tensors of the probe it needs from new
+    inputs ``graphprune_probe_<i>`` (i = the tensor's index in ``probe.frontier``) and no longer computes the probe."""
+    out = copy_graph_module(gm)
+    graph = out.graph
+    names = {n.name: n for n in graph.nodes}
+    added = []
+    for i, name in enumerate(probe.frontier):
+        node = names.get(name)
+        if node is None or all(u.name in probe.nodes for u in node.users):
+            continue
+        placeholder = add_input(graph, f"graphprune_probe_{i}", node_val(node))
+        node.replace_all_uses_with(placeholder, delete_user_cb=lambda u: u.name not in probe.nodes)
+        added.append(placeholder)
+    graph.eliminate_dead_code()
+    for placeholder in added:  # a frontier tensor only other probe tensors read: nothing left reads it
+        if not placeholder.users:
+            graph.erase_node(placeholder)
+    graph.lint()
+    out.recompile()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ Taylor forecast
+def add_forecast(gm: GraphModule, order: int) -> None:
+    """Make a shallow graph forecast its cut tensor: the ``graphprune_cache`` input becomes F0 and the graph reads
+    ``F0 + sum_{j=1..order} coeffs[j-1] * F_j`` (``graphprune_taylor_<j>`` inputs, F_j shaped like F0;
+    ``graphprune_taylor_coeffs``: (order,), coeffs[j-1] = k^j / j! for a step k calls after the last full one, 0
+    for factors not known yet). ``order=0`` changes nothing. Mutates and recompiles ``gm``."""
+    if order == 0:
+        return
+    graph = gm.graph
+    cache = _node(graph, "graphprune_cache")
+    like = node_val(cache)
+    factors = [add_input(graph, f"graphprune_taylor_{j}", like) for j in range(1, order + 1)]
+    coeffs = add_input(graph, "graphprune_taylor_coeffs", _like(like, (order,)))
+    users = list(cache.users)
+    sp = Splicer(graph)
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+        feature = cache
+        for j, factor in enumerate(factors):
+            c = sp.call(operator.getitem, (coeffs, j))
+            feature = sp.call(torch.add, (feature, sp.call(torch.mul, (factor, c))))
+    for user in users:
+        user.replace_input_with(cache, feature)
+    graph.lint()
+    gm.recompile()
+
+
+def add_factor_update(gm: GraphModule, cut: CutPoint, order: int) -> None:
+    """Make a full graph also output the new Taylor factors F_1..F_order after its outputs (the cut tensor F0 is
+    already the last one): ``F_j = (F_(j-1) - F_(j-1)_prev) * inv_delta`` (TaylorSeer's divided differences, delta
+    = calls since the previous full step), from inputs ``graphprune_taylor_prev_<j>`` (j = 0..order-1) and
+    ``graphprune_taylor_inv_delta`` (0-dim). ``order=0`` changes nothing. Mutates and recompiles ``gm``."""
+    if order == 0:
+        return
+    graph = gm.graph
+    current = _node(graph, cut.node)
+    like = node_val(current)
+    prev = [add_input(graph, f"graphprune_taylor_prev_{j}", like) for j in range(order)]
+    inv_delta = add_input(graph, "graphprune_taylor_inv_delta", _like(like, ()))
+    sp = Splicer(graph)
+    output = _output_node(graph)
+    new = []
+    with graph.inserting_before(output):
+        for j in range(order):
+            current = sp.call(torch.mul, (sp.call(torch.sub, (current, prev[j])), inv_delta))
+            new.append(current)
+    output.args = (tuple(output.args[0]) + tuple(new),)
+    graph.lint()
+    gm.recompile()
+
+
+def _like(val: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A fake/meta tensor of ``shape`` with ``val``'s dtype and device (for new placeholders' metadata)."""
+    if val is None:
+        return None
+    mode = getattr(val, "fake_mode", None)
+    if mode is None:
+        return torch.empty(shape, dtype=val.dtype, device="meta")
+    with mode:
+        return torch.empty(shape, dtype=val.dtype, device=val.device)
+
+
 def find_timestep_input(graph: Graph) -> int | None:
     """Index (among the placeholders) of the timestep input: the non-parameter input that reaches ``time_proj``.
 
@@ -189,4 +367,5 @@ def find_timestep_input(graph: Graph) -> int | None:
 
 
 __all__ = ["CutPoint", "CutError", "find_cut", "full_graph", "shallow_graph", "up_path_cuts", "running_modules",
-           "find_timestep_input", "copy_graph_module", "add_input"]
+           "find_timestep_input", "copy_graph_module", "add_input", "ProbeCut", "find_probe", "probe_graph",
+           "add_probe_signal", "remainder_graph", "add_forecast", "add_factor_update"]

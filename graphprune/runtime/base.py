@@ -68,6 +68,7 @@ class Runtime:
         self.generation = 0
         self.step = 0
         self.last_t: float | None = None
+        self.current_t: float | None = None
         self.kinds: list[str] = []  # kinds run in the current generation
         self.previous_kinds: list[str] = []  # kinds run in the previous generation
         if register:
@@ -108,6 +109,7 @@ class Runtime:
         t = self.timestep(args)
         if self.last_t is not None and t > self.last_t:
             self.reset(reason=f"timestep rose from {self.last_t:g} to {t:g}")
+        self.current_t = t  # the call's timestep, for run_step (read once per call)
         outputs, kind = self.run_step(args)
         self.kinds.append(kind)
         self.last_t = t
