@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from .backend import graphprune_backend, last_report
+from .calibrate import calibrate
+from .calibration import Calibration, CalibrationError, load_calibration
 from .config import PruneConfig, config_to_dict
 from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, RandomConfig, SiToConfig,
                       ToDoConfig, ToMeConfig, TokenMethod, config_from_dict, method_names, parse_options,
@@ -19,6 +21,7 @@ from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, Deep
 from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
 from .runtime import MatchCacheRuntime, Runtime, StepRuntime, reset, runtimes
+from .policy import FirstBlockPolicy, FixedPolicy, MagCachePolicy, StepPolicy, StepRecord
 from .schedule import Schedule, build_schedule
 
 __version__ = "0.1.0"
@@ -65,4 +68,5 @@ __all__ = ["inspect", "apply", "remove", "reset", "runtimes", "Runtime", "StepRu
            "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig", "DaToConfig",
            "CaToMeConfig", "AtEdmConfig", "TokenMethod", "register_method", "parse_options", "config_to_dict",
            "config_from_dict", "method_names", "registered_methods", "GraphReport", "InspectReport", "SiteReport",
-           "__version__"]
+           "calibrate", "Calibration", "CalibrationError", "load_calibration", "StepPolicy", "FixedPolicy",
+           "FirstBlockPolicy", "MagCachePolicy", "StepRecord", "__version__"]

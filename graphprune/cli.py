@@ -1,6 +1,7 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
+``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`);
+``graphprune calibrate --arch sd15 --latent 64 --steps 50 -o calib.json`` writes a MagCache calibration."""
 
 from __future__ import annotations
 
@@ -119,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("calibrate", help="MagCache: record a model's per-step magnitude ratios of the cached feature "
+                       "(JSON + plot) for policy='magcache'", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=ARCHS, default="sd15", help="built-in architecture (random weights)")
+    p.add_argument("--model", help="local diffusers folder (UNet or pipeline) instead of --arch")
+    p.add_argument("--latent", type=int, default=64, help="latent height and width")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the calibration generation")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--cache-branch", type=int, default=0, help="where the UNet is cut (as the runtime that uses it)")
+    p.add_argument("--cfg", choices=("batch", "split"), default="batch",
+                   help="batch: one [uncond; cond] call per step; split: one call per half (two cache contexts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the random text embeddings")
+    p.add_argument("--compiler", default="eager", help="inner compiler of the calibration run (eager: no compile)")
+    p.add_argument("-o", "--output", required=True, help="calibration JSON to write")
+    p.add_argument("--plot", help="ratio plot (PNG) to write (default: the output path with .png)")
+    p.set_defaults(func=cmd_calibrate)
+
     bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser("pareto", help="every registered method x ratios: speed vs Inductor, quality of a "
@@ -142,6 +159,66 @@ def cmd_bench_pareto(args: argparse.Namespace) -> int:
         return 2
     print("\n" + table, flush=True)  # the command's output; the library only logs
     return code
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """One seeded CFG DDIM generation from noise with every step in full; the cut feature's ratios per call."""
+    from pathlib import Path
+
+    from .archs import build_model, example_inputs, load_unet
+    from .bench.ddim import LoopSpec, ddim_loop, loop_start
+    from .calibrate import calibrate
+
+    unet = load_unet(args.model) if args.model else build_model(args.arch)
+    template = example_inputs(unet, latent=args.latent, batch=2, seed=args.seed)
+    start = loop_start(unet, args.latent, images=1, seed=args.seed)
+    spec = LoopSpec(steps=args.steps, guidance=args.guidance, strength=1.0, seed=args.seed)
+    if args.cfg == "batch":
+        def run(fn):
+            return ddim_loop(fn, template, start, spec, progress="calibrate")
+    else:
+        def run(fn):
+            return _split_cfg_loop(fn, template, start, spec)
+    loop = {"num_steps": args.steps, "scheduler": "DDIM", "guidance": args.guidance, "latent": args.latent,
+            "batch": 2 if args.cfg == "batch" else 1, "seed": args.seed,
+            "model": args.model or f"--arch {args.arch} (random weights)"}
+    try:
+        calibration = calibrate(unet, run, cache_branch=args.cache_branch, cfg=args.cfg, compiler=args.compiler,
+                                loop=loop)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = calibration.save(args.output)
+    plot = calibration.plot(args.plot or Path(args.output).with_suffix(".png"))
+    for context, ratios in calibration.ratios.items():
+        print(f"{context}: {len(ratios)} calls, ratio min {min(ratios):.4f} max {max(ratios):.4f}")
+    print(f"wrote {path} and {plot}")
+    return 0
+
+
+def _split_cfg_loop(fn, template, start, spec):
+    """The DDIM loop of :func:`graphprune.bench.ddim.ddim_loop`, calling the UNet once per CFG half (uncond, then
+    cond) at every step, as pipelines without batched CFG do."""
+    from tqdm import tqdm
+
+    from .bench.ddim import loop_timesteps, make_scheduler, model_output, with_sample_and_timestep
+
+    args, kwargs = template
+    halves = []
+    for i in range(2):
+        def row(v, i=i):
+            if isinstance(v, dict):
+                return {k: row(x) for k, x in v.items()}
+            return v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 else v
+        halves.append((tuple(row(a) for a in args), row(kwargs)))
+    scheduler = make_scheduler()
+    timesteps = loop_timesteps(scheduler, spec)
+    x = scheduler.add_noise(start.x0[:1], start.noise[:1], timesteps[:1]).to(args[0].device, args[0].dtype)
+    for t in tqdm(timesteps, desc="calibrate (split cfg)", unit="step"):
+        eps_u, eps_c = (model_output(fn(*a, **k), x.shape[1])
+                        for a, k in (with_sample_and_timestep(h, x, t) for h in halves))
+        x = scheduler.step(eps_u + spec.guidance * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    return x
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,3 +144,25 @@ def install_reference(unet: torch.nn.Module, method: str, ratio: float, **kw) ->
             mod.attn1.set_processor(RefPruneProcessor(method, ratio, state, **kw))
     unet.reference_state = state  # tests feed per-call inputs through it (DaTo: "dynamics" (B, N))
     return unet
+
+
+def hooked_unet(model, sample, t, ctx, cached=None):
+    """The original UNet, eagerly; captures (or, with ``cached``, replaces) the non-skip part of the input of the
+    last up-path ResNet. Returns (output, captured feature)."""
+    resnet = model.up_blocks[-1].resnets[-1]
+    seen = {}
+
+    def pre(mod, args):
+        x = args[0]
+        c = x.shape[1] - model.conv_in.out_channels  # cat([hidden, skip]): the skip is conv_in's output
+        seen["feature"] = x[:, :c].clone()
+        if cached is not None:
+            return (torch.cat([cached, x[:, c:]], dim=1),) + tuple(args[1:])
+        return None
+
+    handle = resnet.register_forward_pre_hook(pre)
+    try:
+        out = model(sample, torch.tensor(t), ctx).sample
+    finally:
+        handle.remove()
+    return out, seen["feature"]

@@ -19,7 +19,7 @@ from graphprune.passes.cut import find_cut
 from graphprune.runtime import runtimes
 from graphprune.schedule import DATO_S_A, DATO_S_B, build_schedule, deepcache_nonuniform
 from helpers import rel_err
-from reference import install_reference, ref_sito
+from reference import hooked_unet, install_reference, ref_sito
 
 TIMESTEPS = [int(t) for t in torch.linspace(999, 0, 6).long()]
 
@@ -149,38 +149,16 @@ def test_interval_one_equals_the_unpruned_unet_at_every_step(tiny):
     assert made[0].kinds == ["full"] * len(TIMESTEPS)
 
 
-def _hooked_reference(model, sample, t, ctx, cached=None):
-    """The original UNet, eagerly; captures (or, with ``cached``, replaces) the non-skip part of the input of the
-    last up-path ResNet. Returns (output, captured feature)."""
-    resnet = model.up_blocks[-1].resnets[-1]
-    seen = {}
-
-    def pre(mod, args):
-        x = args[0]
-        c = x.shape[1] - model.conv_in.out_channels  # cat([hidden, skip]): the skip is conv_in's output
-        seen["feature"] = x[:, :c].clone()
-        if cached is not None:
-            return (torch.cat([cached, x[:, c:]], dim=1),) + tuple(args[1:])
-        return None
-
-    handle = resnet.register_forward_pre_hook(pre)
-    try:
-        out = model(sample, torch.tensor(t), ctx).sample
-    finally:
-        handle.remove()
-    return out, seen["feature"]
-
-
 def test_shallow_step_equals_hooked_reference_and_reuse_repeats(tiny):
     model, sample, ctx = tiny
     g = torch.Generator().manual_seed(3)
     samples = [sample + 0.1 * torch.randn(sample.shape, generator=g) for _ in range(3)]
     fast, made = compile_steps(model, method="deepcache", schedule=["full", "shallow", "reuse"])
     out0 = step(fast, samples[0], 999, ctx)
-    ref0, feature = _hooked_reference(model, samples[0], 999, ctx)
+    ref0, feature = hooked_unet(model, samples[0], 999, ctx)
     assert torch.equal(out0, ref0)
     out1 = step(fast, samples[1], 666, ctx)
-    ref1, _ = _hooked_reference(model, samples[1], 666, ctx, cached=feature)
+    ref1, _ = hooked_unet(model, samples[1], 666, ctx, cached=feature)
     full1 = model(samples[1], torch.tensor(666), ctx).sample
     torch.testing.assert_close(out1, ref1, rtol=1e-5, atol=1e-6)
     assert rel_err(out1, full1) > 1e-3  # a shallow step is not a full step

@@ -19,7 +19,8 @@ For a stateful method the backend returns a :class:`StepRuntime` instead of one 
   (the timestep; first-block's scalar);
 * keeps one *cache context* per CFG stream: one for a [uncond; cond] batch (``cfg="batch"``), or two when the
   pipeline calls the UNet once per half (``cfg="split"``: the n-th call at a timestep uses context ``str(n % 2)``,
-  or the name set with :meth:`StepRuntime.cache_context`), each with its own state, policy and step count.
+  so a pipeline that calls cond then uncond at every step keeps them apart, as diffusers' ``cache_context("cond")``
+  / ``cache_context("uncond")`` do), each with its own state, policy and step count.
 
 Random inputs come from a dedicated generator per variant, seeded from the config: the user's RNG stream is never
 consumed. ``graphprune.reset(model)`` resets explicitly; ``describe()`` lists the variants, the state's bytes and the
@@ -28,13 +29,12 @@ policy's record of every step (kind, signal, threshold, accumulated error).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch._inductor
@@ -134,8 +134,6 @@ class StepRuntime(Runtime):
         self.variants: dict[tuple[str, float], Variant] = {}
         self.contexts: dict[str, CacheContext] = {}
         self.previous_records: list[StepRecord] = []
-        #: cfg="split": the context the next call uses when set (:meth:`cache_context`); else by call order
-        self.context_name: str | None = None
         self._stream: tuple[float | None, int] = (None, 0)  # (timestep, calls at it so far) for cfg="split"
         #: callables ``f(context, record, state)`` run after every call (``graphprune.calibrate`` records with it)
         self.observers: list[Callable[[CacheContext, StepRecord, StepState], None]] = []
@@ -156,24 +154,9 @@ class StepRuntime(Runtime):
             return FixedPolicy(self.config.step_schedule())
         return build_policy(self.config, context, self.calibration)
 
-    @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        """``with runtime.cache_context("cond"):`` calls inside use the named cache context (``cfg="split"``; as
-        diffusers' ``cache_context``). Outside any such block the n-th call at a timestep uses context n mod 2."""
-        if self.config.cfg != "split":
-            raise ValueError("cache contexts need cfg='split' (two cache contexts); with cfg='batch' one decision "
-                             "covers the whole [uncond; cond] batch")
-        previous, self.context_name = self.context_name, str(name)
-        try:
-            yield
-        finally:
-            self.context_name = previous
-
     def _context_for_call(self) -> CacheContext:
-        if self.config.cfg == "batch" or not self.caches:
+        if not self.caches or self.config.cfg == "batch":
             name = ""
-        elif self.context_name is not None:
-            name = self.context_name
         else:
             t = self.current_t
             last, count = self._stream
