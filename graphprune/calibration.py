@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,15 +185,15 @@ class Calibration:
             if self.cosine.get(context):
                 ax2.plot(xs, self.cosine[context], marker=".", label=context)
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_ylabel("||f_i|| / ||f_(i-1)||  (mean over positions)")
+        ax.set_ylabel("magnitude ratio ||f_i|| / ||f_i-1||")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax2.set_ylabel("cosine distance")
         ax2.set_xlabel("UNet call of the generation")
         ax2.grid(alpha=0.3)
-        loop = ", ".join(f"{k}={v}" for k, v in self.loop.items())
+        loop = textwrap.fill(", ".join(f"{k}={v}" for k, v in self.loop.items()), 110)
         ax.set_title(f"MagCache calibration: cut at {self.resnet or 'branch ' + str(self.cache_branch)}\n{loop}",
-                     fontsize=8)
+                     fontsize=7)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)

@@ -411,6 +411,31 @@ def test_dato_pruning_runs_inside_probe_and_remainders(tiny):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+def test_deepcache_composes_with_a_per_step_token_method(tiny):
+    """prune={"method": "tome", ...}: tomesd-style merging inside the probe, the full and the shallow remainders;
+    every step equals the reference ToMe UNet (full steps) or that UNet on the cached feature (shallow steps)."""
+    import copy
+
+    from reference import install_reference
+
+    model, sample, ctx = tiny
+    xs = trajectory(sample, 4)
+    fast, made = compile_steps(model, method="deepcache", policy="first-block", threshold=1e9, max_skips=1,
+                               prune={"method": "tome", "ratio": 0.5, "use_rand": False})
+    outs = run(fast, xs, ctx, TIMESTEPS[:4])
+    rt = made[0]
+    assert rt.kinds == ["full", "shallow"] * 2
+    assert {kind: len(v.report.pruned) for (kind, _), v in rt.variants.items()} == {"probe": 1, "full": 2,
+                                                                                     "shallow": 1}
+    ref_model = install_reference(copy.deepcopy(model), "tome", 0.5)
+    feature = None
+    for out, x, t, kind in zip(outs, xs, TIMESTEPS, rt.kinds):
+        ref, f = hooked_unet(ref_model, x, t, ctx, cached=feature if kind == "shallow" else None)
+        feature = f if kind == "full" else feature
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert rel_err(outs[0], model(xs[0], torch.tensor(TIMESTEPS[0]), ctx).sample) > 1e-4  # tome merged tokens
+
+
 def test_cfg_split_keeps_two_contexts_and_equals_the_batch_row_by_row(tiny):
     """cfg='split' (the UNet called once per CFG half at each timestep): context "0" sees the first call of each
     timestep, "1" the second, each with its own cache; a fixed schedule then gives the batched run's rows."""
@@ -463,6 +488,9 @@ def test_cfg_split_keeps_two_contexts_and_equals_the_batch_row_by_row(tiny):
     ({"policy": "magcache", "calibration": {"format": "graphprune-magcache", "version": 9}}, "version 9"),
     ({"policy": "magcache", "calibration": {"format": "graphprune-magcache", "version": 1, "ratios": {"batch": []}}},
      "non-empty list"),
+    ({"prune": "tome"}, "options of a per-step token method"),
+    ({"prune": {"method": "catome"}}, "works across steps itself"),
+    ({"prune": {"method": "tome", "ratio": 0.9}}, "ratio"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match):

@@ -415,3 +415,24 @@ def test_apply_and_remove_on_a_pipeline():
     graphprune.remove(pipe)
     assert pipe.unet is original_unet and type(pipe) is original_class
     assert torch.equal(generate(), baseline)
+
+
+def test_apply_with_an_adaptive_policy_resets_per_image():
+    import graphprune
+
+    pipe = tiny_pipeline()
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def generate():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=8, height=16, width=16,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    graphprune.apply(pipe, method="deepcache", policy="first-block", threshold=0.3, compiler="eager")
+    first, second = generate(), generate()
+    assert torch.equal(first, second)
+    (rt,) = graphprune.runtimes(pipe)
+    kinds = rt.previous_kinds or rt.kinds
+    assert kinds[0] == "full" and len(kinds) == 8 and [r.kind for r in rt.records] == kinds
+    assert "first-block" in str(graphprune.inspect(pipe.unet))
+    graphprune.remove(pipe)

@@ -7,7 +7,7 @@ cached step feeds the shallow graph (the cached feature, or a Taylor forecast of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..calibration import Calibration
 from ..config import PruneConfig, check_int
@@ -43,6 +43,9 @@ class CachingConfig(PruneConfig):
             ``"taylor"`` (TaylorSeer: a Taylor forecast from the last full steps, finite differences in the step
             index).
         order: taylor: 0 (the cached feature itself), 1 (default) or 2.
+        prune: options of a per-step token method (``{"method": "tome", "ratio": 0.5}``; tome, sito, todo, random)
+            whose pruning runs inside every graph of the runtime (full, shallow, probe), as DaTo's does; for
+            ``method="deepcache"`` (DaTo prunes with its own rule).
         cfg: ``"batch"`` (one decision for the whole [uncond; cond] batch) or ``"split"`` (two cache contexts, for
             pipelines that call the UNet once per CFG half at the same timestep: the n-th call at a timestep uses
             context n mod 2).
@@ -73,6 +76,7 @@ class CachingConfig(PruneConfig):
     cfg: str = "batch"
     retention_ratio: float | None = None
     accumulate: bool | None = None
+    prune: Any = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +90,13 @@ class CachingConfig(PruneConfig):
         check_int("", "max_variants", self.max_variants, 2)
         build_schedule(self)  # validates schedule, interval and length together
         check_policy_options(self)  # the policy's options together (and a magcache calibration file)
+        if self.prune is not None and not (isinstance(self.prune, Mapping) and "method" in self.prune):
+            raise ValueError(f"prune must be the options of a per-step token method, e.g. "
+                             f"{{'method': 'tome', 'ratio': 0.5}}, got {self.prune!r}")
+
+    def nested_options(self) -> dict[str, Mapping[str, Any]]:
+        """Option dicts of other methods this config holds (``prune``), checked by the registry's parse."""
+        return {"prune": self.prune} if self.prune is not None else {}
 
     @property
     def taylor_order(self) -> int | None:

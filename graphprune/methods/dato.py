@@ -63,6 +63,9 @@ class DaToConfig(CachingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.prune is not None:
+            raise ValueError("dato prunes with its own rule (ratio, gamma, ...); prune={...} adds a per-step token "
+                             "method to method='deepcache'")
         check_choice("", "selection", self.selection, SELECTIONS)
         check_choice("", "recover", self.recover, RECOVERIES)
 

@@ -94,7 +94,14 @@ def parse_options(options: Mapping[str, Any] | PruneConfig | None) -> PruneConfi
                          f"(graphprune.ToMeConfig(...)), got {type(options).__name__} {options!r}")
     options = dict(options or {})
     name = options.pop("method", DEFAULT_METHOD)
-    return build_config(config_class(name), options)
+    config = build_config(config_class(name), options)
+    for key, nested in getattr(config, "nested_options", dict)().items():  # e.g. deepcache's prune={...}
+        inner = parse_options(nested)
+        impl = method_for(inner)
+        if impl.runtime(inner) != "none" or impl.context_inputs:
+            raise ValueError(f"{key}={dict(nested)!r}: method {inner.method!r} works across steps itself; {key} takes "
+                             f"a per-step token method (tome, sito, todo, random)")
+    return config
 
 
 def config_from_dict(blob: Mapping[str, Any] | str) -> PruneConfig:

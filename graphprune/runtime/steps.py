@@ -44,6 +44,7 @@ from ..calibration import Calibration, model_fingerprint
 from ..config import PruneConfig
 from ..inner import RandomFeed, compile_inner
 from ..methods.base import TokenMethod
+from ..methods.registry import method_for, parse_options
 from ..passes.cut import (CutPoint, ProbeCut, add_factor_update, add_forecast, add_input, add_probe_signal,
                           copy_graph_module, find_cut, find_probe, full_graph, probe_graph, remainder_graph,
                           running_modules, shallow_graph)
@@ -116,6 +117,14 @@ class StepRuntime(Runtime):
         #: feature caching (full/shallow/reuse over a graph cut) or phases only (AT-EDM's DSAP: "early"/"late",
         #: each a differently pruned copy of the whole graph; no cut, no cached tensor)
         self.caches = config.caches
+        #: the token method pruning inside every graph: the config's own (dato), or a per-step method given as
+        #: ``prune={"method": "tome", ...}`` to a caching config (deepcache); its config decides the pruning
+        self.token_config: PruneConfig = config
+        self.token_method: TokenMethod = method
+        inner = config.nested_options().get("prune") if self.caches else None
+        if inner is not None:
+            self.token_config = parse_options(inner)
+            self.token_method = method_for(self.token_config)
         self.calibration: Calibration | None = check_policy_options(config) if self.caches else None
         self.cut: CutPoint | None = find_cut(gm.graph, config.cache_branch) if self.caches else None
         self._params = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)]
@@ -171,13 +180,13 @@ class StepRuntime(Runtime):
     # ---------------------------------------------------------------- variants
     def _context_inputs(self, gm: GraphModule) -> dict[str, Node]:
         """Placeholders for the method's cross-step inputs (after the existing ones, before random inputs)."""
-        return {name: add_input(gm.graph, f"{_PREFIX}{name}", self.eps_like) for name in self.method.context_inputs}
+        return {name: add_input(gm.graph, f"{_PREFIX}{name}", self.eps_like) for name in self.token_method.context_inputs}
 
     def _cut_description(self) -> str:
         return self.cut.describe() if self.cut is not None else "none (no feature caching)"
 
     def _build(self, kind: str) -> tuple[GraphModule, GraphReport, list, list[str]]:
-        config = self.config
+        config = self.token_config
         if not self.caches:  # a phase variant: the whole graph, pruned as the phase's config says
             gm = copy_graph_module(self.base)
             config = self.config.phase_config(kind)
@@ -195,7 +204,7 @@ class StepRuntime(Runtime):
             gm = remainder_graph(gm, self.probe)
         context = self._context_inputs(gm)
         warn = kind == self.first_kind and self.probe is None
-        result = prune_graph(gm, config, self.method, context=context, finest_tokens=self.finest_tokens,
+        result = prune_graph(gm, config, self.token_method, context=context, finest_tokens=self.finest_tokens,
                              warn_unpruned=warn)
         if kind == "probe":
             add_probe_signal(gm, self.probe)
@@ -203,7 +212,7 @@ class StepRuntime(Runtime):
             gm.recompile()
         if self.probe is not None and kind == "full" and not result.changed and \
                 not self.variants[("probe", self.config.ratio)].report.pruned and \
-                self.method.unchanged_reason(config) is None:
+                self.token_method.unchanged_reason(config) is None:
             log.warning("graphprune[%s]: nothing pruned in the probe or the full remainder", config.method)
         self.record(result.report)
         return gm, result.report, result.random_inputs, running_modules(gm)
@@ -276,10 +285,10 @@ class StepRuntime(Runtime):
             elif key.startswith("taylor_"):
                 j = int(key[len("taylor_"):])
                 out.append(state.taylor[j - 1] if len(state.taylor) >= j else self._zeros(variant, name))
-            elif key in self.method.context_inputs:
+            elif key in self.token_method.context_inputs:
                 prev = state.eps[0] if state.eps else self._zeros(variant, name)
                 prev2 = state.eps[1] if len(state.eps) > 1 else prev  # d = 0 until two predictions exist
-                out.append(prev if key == self.method.context_inputs[0] else prev2)
+                out.append(prev if key == self.token_method.context_inputs[0] else prev2)
             else:
                 raise RuntimeError(f"graphprune: no state provides the graph input {name!r}")
         return out
@@ -365,7 +374,7 @@ class StepRuntime(Runtime):
                 state.last_full = ctx.step
                 state.fulls += 1
             eps = outputs[0]
-        if self.method.context_inputs:
+        if self.token_method.context_inputs:
             state.eps = [eps] + state.eps[:1]
         state.outputs = outputs
         ctx.records.append(record)
