@@ -4,6 +4,7 @@
     python benchmarks/steps.py --quick                                  # tiny UNet, latent 16, 10 steps (smoke)
     python benchmarks/steps.py --latent 32 --out results/steps_cpu32.json --plot results/steps_cpu32.png
     python benchmarks/steps.py --latent 64 --variants inductor,deepcache3,dato-coco
+    python benchmarks/steps.py --front --latent 32 --threads 1 --out docs/steps_policies_sd15_latent32_cpu  # policies
 
 A seeded 50-step DDIM loop (diffusers' DDIMScheduler, SD1.5's scheduler settings) with classifier-free guidance
 (batch 2: [uncond; cond] random text embeddings, guidance 7.5) on a built-in architecture with random weights.
@@ -13,6 +14,11 @@ Reported per variant: seconds per generation, speedup vs the Inductor baseline, 
 vs the baseline's final latent, the step kinds of a generation, the compiled variants, and the FLOP bound: the
 unpruned FLOPs of all steps over the FLOPs this variant runs (full / shallow graphs counted with FlopCounterMode
 on the rewritten graphs run eagerly; reuse steps cost nothing).
+
+``--front`` runs the step policies' speed-vs-error front instead (:func:`run_front`): fixed intervals, DaTo's presets,
+first-block and magcache, each with and without the Taylor forecast and with and without DaTo's pruning, every
+generation timed between two generations of the full-step baseline (paired), the FLOP bound of each variant, the
+final-latent error against the baseline's.
 """
 
 from __future__ import annotations
@@ -91,7 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny UNet, latent 16, 10 steps, few variants (smoke)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--front", action="store_true", help="the step policies' speed-vs-error front (writes front.json, "
+                   "front.md, front.png and the MagCache calibration into the --out folder)")
+    p.add_argument("--pair-every", type=int, default=3, help="--front: variants between two baseline generations")
     opts = p.parse_args(argv)
+    if opts.front:
+        if opts.quick:
+            opts.arch, opts.latent, opts.steps = "tiny", 16, 12
+        opts.variant_list = []
+        return opts
     if opts.quick:
         opts.arch, opts.latent, opts.steps = "tiny", 16, 10
         if opts.variants == DEFAULT:
@@ -416,10 +430,401 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# --front: the step policies (fixed, DaTo presets, first-block, magcache) x forecast x DaTo's pruning
+FRONT_INTERVALS = (2, 3, 4, 5, 6)
+FRONT_SKIPS = 5  # first-block and magcache: at most 5 cached calls in a row, so interval 6's call count is reachable
+MAGCACHE_RETENTION = 0.0  # as the fixed rules: with MagCache's 0.2 (or FLUX's 0.1) and K = 5 the calibrated rule
+# could not come down to the call counts of intervals 5 and 6 (warm-up calls are full calls)
+
+
+class DirectBaseline:
+    """The full-step baseline: the traced UNet's graphs through graphprune with every call full (``deepcache``,
+    ``cache_interval=1``, the FX graph run as is, as the variants), called directly with the graph's flat argument
+    list, so no Dynamo cache is shared with the variants (they reset Dynamo between them)."""
+
+    def __init__(self, unet: Any, start: Any, ctx: Any, kwargs: dict[str, Any], sched: Any):
+        import torch
+
+        from graphprune.backend import graphprune_backend
+
+        captured: dict[str, Any] = {}
+
+        def backend(gm: Any, example_inputs: Any) -> Any:
+            runtime = graphprune_backend(gm, example_inputs, register_runtime=False,
+                                         options={"method": "deepcache", "cache_interval": 1, "compiler": "eager"})
+            captured["runtime"] = runtime
+
+            def spy(*args: Any) -> Any:
+                captured.setdefault("args", args)
+                return runtime(*args)
+            return spy
+
+        x, t = torch.cat([start] * 2), sched.timesteps[0]
+        torch._dynamo.reset()
+        torch.compile(unet, backend=backend)(x, t, ctx, **kwargs)
+        args = list(captured["args"])
+        self.runtime = captured["runtime"]
+        self.positions = {name: next(i for i, a in enumerate(args) if a is obj)
+                          for name, obj in (("x", x), ("t", t), ("ctx", ctx))}
+        self.args = args
+        self.runtime.reset()
+
+    def __call__(self, x: Any, t: Any, ctx: Any, **kwargs: Any) -> Any:
+        args = list(self.args)
+        args[self.positions["x"]], args[self.positions["t"]], args[self.positions["ctx"]] = x, t, ctx
+        return self.runtime(*args)
+
+
+def full_calls(steps: int, interval: int) -> int:
+    return -(-steps // interval)
+
+
+def first_stage_outputs(unet: Any, xs: list[Any], timesteps: Any, ctx: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """The first down stage's output of each call (the first-block probe's tensor), eagerly: the UNet runs until
+    ``down_blocks[0]`` returns (a hook stops it there)."""
+    class _Stop(Exception):
+        pass
+
+    seen: list[Any] = []
+
+    def hook(module: Any, args: Any, out: Any) -> None:
+        seen.append(out[0].detach().clone())
+        raise _Stop
+
+    handle = unet.down_blocks[0].register_forward_hook(hook)
+    try:
+        for x, t in zip(xs, timesteps):
+            try:
+                unet(x, t, ctx, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def simulate_first_block(probes: list[Any], threshold: float, max_skips: int) -> list[str]:
+    """graphprune's FirstBlockPolicy over recorded probe outputs (every call's output known: a calibration run)."""
+    from graphprune.policy import FirstBlockPolicy
+
+    policy, kinds, ref = FirstBlockPolicy(threshold, max_skips), [], None
+    for i, p in enumerate(probes):
+        signal = None if ref is None else float((p - ref).abs().mean() / ref.abs().mean())
+        kind = policy.decide(i, frozenset(["full", "shallow"]) if i else frozenset(["full"]), signal).kind
+        ref = p if kind == "full" else ref
+        kinds.append(kind)
+    return kinds
+
+
+def pick_knob(count_full: Callable[[float], int], target: int, lo: float = 1e-5, hi: float = 10.0) -> float:
+    """The knob (threshold, error budget) whose schedule makes ``target`` full calls (the count falls as the knob
+    rises); bisection in log space; the closest count when none is exact."""
+    import math
+
+    best = (abs(count_full(hi) - target), hi)
+    for _ in range(48):
+        mid = math.sqrt(lo * hi)
+        n = count_full(mid)
+        best = min(best, (abs(n - target), mid))
+        if n == target:
+            return mid
+        lo, hi = (mid, hi) if n > target else (lo, mid)
+    return best[1]
+
+
+def front_variants(steps: int, thresholds: dict[int, float], budgets: dict[int, float], calibration: str,
+                   intervals: tuple[int, ...] = FRONT_INTERVALS) -> list[dict[str, Any]]:
+    """Every variant of the front: (rule, knob) x forecast {none, taylor order 1} x {deepcache, dato r=0.4}."""
+    rules: list[tuple[str, str, dict[str, Any]]] = []
+    for n in intervals:
+        rules.append(("fixed", f"N={n}", {"cache_interval": n}))
+    for preset, label in (("dato-imagenet", "S_A"), ("dato-coco", "S_B")):
+        if steps == 50:
+            rules.append(("dato-preset", label, {"schedule": preset, "num_steps": steps}))
+    for n in intervals:
+        target = full_calls(steps, n)
+        rules.append(("first-block", f"T={thresholds[target]:.3g}", {"policy": "first-block",
+                                                                     "threshold": thresholds[target],
+                                                                     "max_skips": FRONT_SKIPS}))
+        rules.append(("magcache", f"B={budgets[target]:.3g}", {"policy": "magcache", "calibration": calibration,
+                                                               "error_budget": budgets[target],
+                                                               "max_skips": FRONT_SKIPS,
+                                                               "retention_ratio": MAGCACHE_RETENTION}))
+    out = []
+    for method in ("deepcache", "dato"):
+        for forecast in ("none", "taylor"):
+            for rule, knob, options in rules:
+                extra = {"forecast": "taylor", "order": 1} if forecast == "taylor" else {}
+                name = f"{method} {rule} {knob}" + (" +taylor" if forecast == "taylor" else "")
+                out.append({"name": name, "rule": rule, "knob": knob, "method": method, "forecast": forecast,
+                            "options": {"method": method, **options, **extra}})
+    return out
+
+
+def family_flops(unet: Any, method: str, forecast: str, probe: bool, start: Any, ctx: Any, kwargs: dict[str, Any],
+                 sched: Any) -> dict[str, float]:
+    """FLOPs of one call per graph (full, shallow, probe) of a family of variants (FlopCounterMode on the rewritten
+    graphs run eagerly; the schedule does not change them)."""
+    options: dict[str, Any] = {"method": method}
+    options.update({"forecast": "taylor", "order": 1} if forecast == "taylor" else {})
+    options.update({"policy": "first-block", "threshold": 1e9, "max_skips": 1} if probe else {"cache_interval": 2})
+    return flops_per_kind(unet, options, start, ctx, kwargs, sched)
+
+
+def time_variant(unet: Any, options: dict[str, Any], start: Any, ctx: Any, kwargs: dict[str, Any], sched: Any,
+                 guidance: float, device: Any) -> dict[str, Any]:
+    """Warm up (one call: Dynamo traces, every graph is built), then one timed generation."""
+    import torch
+
+    from graphprune.backend import graphprune_backend
+
+    made: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        runtime = graphprune_backend(gm, example_inputs, options={**options, "compiler": "eager"},
+                                     register_runtime=False)
+        made.append(runtime)
+        return runtime
+
+    torch._dynamo.reset()
+    fast = torch.compile(unet, backend=backend)
+    fast(torch.cat([start] * 2), sched.timesteps[0], ctx, **kwargs)
+    runtime = made[-1]
+    runtime.build_variants()
+    runtime.reset()
+    probe = runtime.variants.get(("probe", runtime.config.ratio))
+    probe_before = probe.calls if probe is not None else 0
+    t0 = time.perf_counter()
+    final = generate(fast, start, ctx, kwargs, sched, guidance, device)
+    seconds = time.perf_counter() - t0
+    kinds = list(runtime.kinds)
+    records = [{"kind": r.kind, "signal": r.signal, "accumulated": r.accumulated} for r in runtime.records]
+    probe_calls = probe.calls - probe_before if probe is not None else 0
+    del fast, made
+    torch._dynamo.reset()
+    return {"seconds": seconds, "final": final, "kinds": kinds, "records": records, "probe_calls": probe_calls}
+
+
+def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The front (see the module docstring); writes ``front.json`` after every variant (a long run keeps what it
+    measured), then ``front.md`` and ``front.png``."""
+    import diffusers
+    import torch
+    from tqdm import tqdm
+
+    import graphprune
+    from graphprune.archs import build_unet
+    from graphprune.bench.ddim import psnr
+    from graphprune.policy import magcache_schedule
+
+    torch.set_num_threads(opts.threads or 1)
+    torch.set_grad_enabled(False)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu")
+    unet = build_unet(opts.arch)
+    sched = make_scheduler(opts.steps)
+    start, ctx, kwargs = initial_latents(unet, opts.latent, sched)
+    header = {"torch": torch.__version__, "diffusers": diffusers.__version__, "cpu": cpu_model(),
+              "threads": torch.get_num_threads(), "dtype": "float32", "arch": opts.arch, "latent": opts.latent,
+              "batch": 2, "steps": opts.steps, "guidance": opts.guidance, "scheduler": "DDIM", "git_commit": git_commit(),
+              "uncommitted": git_dirty(), "pair_every": opts.pair_every, "compiler": "eager (FX graphs, no Inductor)",
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "loadavg_start": os.getloadavg()}
+    log.info("%s", json.dumps(header))
+    results: dict[str, Any] = {"header": header, "variants": {}, "baselines": []}
+    baseline = DirectBaseline(unet, start, ctx, kwargs, sched)
+
+    def run_baseline() -> Any:
+        t0 = time.perf_counter()
+        final = generate(baseline, start, ctx, kwargs, sched, opts.guidance, device)
+        results["baselines"].append({"seconds": time.perf_counter() - t0, "loadavg": os.getloadavg()})
+        log.info("baseline generation: %.1f s", results["baselines"][-1]["seconds"])
+        return final
+
+    base_final = run_baseline()
+    # calibration on another generation (other noise, other text): MagCache's ratios, and the probe outputs that
+    # place the first-block thresholds at the fixed intervals' call counts
+    g = torch.Generator().manual_seed(11)
+    cal_ctx = torch.randn(ctx.shape, generator=g).to(ctx)
+    cal_start = sched.add_noise(start, torch.randn(start.shape, generator=g).to(start), sched.timesteps[:1])
+    seen: list[Any] = []
+
+    def recording(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(x: Any, *args: Any, **kw: Any) -> Any:
+            seen.append(x.clone())
+            return fn(x, *args, **kw)
+        return call
+
+    calibration = graphprune.calibrate(
+        unet, lambda fast: generate(recording(fast), cal_start, cal_ctx, kwargs, sched, opts.guidance, device),
+        loop={"num_steps": opts.steps, "scheduler": "DDIM", "guidance": opts.guidance, "latent": opts.latent,
+              "seed": 11, "arch": opts.arch})
+    cal_path = calibration.save(out / "calibration.json")
+    calibration.plot(out / "calibration.png")
+    probes = first_stage_outputs(unet, seen, sched.timesteps, cal_ctx, kwargs)
+    ratios = calibration.ratios["batch"]
+    warmup = int(MAGCACHE_RETENTION * opts.steps + 0.5)
+    intervals = FRONT_INTERVALS if opts.steps >= 30 else (2, 3)
+    thresholds, budgets = {}, {}
+    for n in intervals:
+        target = full_calls(opts.steps, n)
+        thresholds[target] = pick_knob(lambda th: simulate_first_block(probes, th, FRONT_SKIPS).count("full"), target)
+        budgets[target] = pick_knob(lambda b: [r.kind for r in magcache_schedule(ratios, b, FRONT_SKIPS, warmup)]
+                                    .count("full"), target)
+    results["calibration"] = {"path": str(cal_path), "thresholds": thresholds, "budgets": budgets,
+                              "max_skips": FRONT_SKIPS, "magcache_retention": MAGCACHE_RETENTION}
+    log.info("thresholds (first-block) %s, budgets (magcache) %s", thresholds, budgets)
+    flops_base = flops_per_kind(unet, None, start, ctx, kwargs, sched)["full"]
+    families = {}
+    for method in ("deepcache", "dato"):
+        for forecast in ("none", "taylor"):
+            for probe in (False, True):
+                families[(method, forecast, probe)] = family_flops(unet, method, forecast, probe, start, ctx, kwargs,
+                                                                   sched)
+    results["flops"] = {"full_unpruned": flops_base,
+                        **{f"{m}/{f}/{'probe' if p else 'cut'}": v for (m, f, p), v in families.items()}}
+    variants = front_variants(opts.steps, thresholds, budgets, str(cal_path), intervals)
+    chunk: list[str] = []
+    before = results["baselines"][-1]["seconds"]
+    for i, variant in enumerate(tqdm(variants, desc="front", unit="variant")):
+        r = time_variant(unet, variant["options"], start, ctx, kwargs, sched, opts.guidance, device)
+        kinds = r.pop("kinds")
+        fl = families[(variant["method"], variant["forecast"], variant["rule"] == "first-block")]
+        run_flops = sum(fl.get(k, 0.0) for k in kinds if k != "reuse") + r["probe_calls"] * fl.get("probe", 0.0)
+        final = r.pop("final")
+        results["variants"][variant["name"]] = {
+            **variant, **r, "counts": {k: kinds.count(k) for k in ("full", "shallow", "reuse")},
+            "kinds": kinds, "flops_per_kind": fl, "flop_bound": flops_base * opts.steps / run_flops,
+            "error": rel_error(final, base_final), "psnr": psnr(final, base_final), "baseline_before": before}
+        chunk.append(variant["name"])
+        log.info("%s: %.1f s, full/shallow/reuse %s, error %.3g", variant["name"], r["seconds"],
+                 results["variants"][variant["name"]]["counts"], results["variants"][variant["name"]]["error"])
+        if len(chunk) == opts.pair_every or i == len(variants) - 1:
+            final_b = run_baseline()
+            if not torch.equal(final_b, base_final):
+                log.warning("the baseline generation is not reproducible")
+            after = results["baselines"][-1]["seconds"]
+            for name in chunk:  # bracketed: the baseline generations just before and just after
+                v = results["variants"][name]
+                v["baseline_seconds"] = (v["baseline_before"] + after) / 2
+                v["speedup"] = v["baseline_seconds"] / v["seconds"]
+            chunk, before = [], after
+        (out / "front.json").write_text(json.dumps(results, indent=1, default=str))
+    header["loadavg_end"] = os.getloadavg()
+    (out / "front.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "front.md").write_text(front_table(results) + "\n\n" + equal_calls_table(results) + "\n")
+    front_plot(results, out / "front.png")
+    return results
+
+
+def front_table(results: dict[str, Any]) -> str:
+    """Every variant: calls by kind, seconds, paired speedup, FLOP bound, error, PSNR."""
+    rows = ["| variant | full / shallow / reuse (+probe) | s / generation | baseline s (paired) | speedup | "
+            "FLOP bound | final-latent rel. err | PSNR dB |", "|---|---|---|---|---|---|---|---|"]
+    for v in sorted(results["variants"].values(), key=lambda v: (v["method"], v["forecast"], v["rule"],
+                                                                -v["counts"]["full"])):
+        c = v["counts"]
+        probe = f" (+{v['probe_calls']})" if v["probe_calls"] else ""
+        rows.append(f"| {v['name']} | {c['full']} / {c['shallow']} / {c['reuse']}{probe} | {v['seconds']:.1f} | "
+                    f"{v.get('baseline_seconds', float('nan')):.1f} | {v.get('speedup', float('nan')):.2f}x | "
+                    f"{v['flop_bound']:.2f}x | {v['error']:.4f} | {v['psnr']:.1f} |")
+    return "\n".join(rows)
+
+
+def equal_calls_table(results: dict[str, Any]) -> str:
+    """At each fixed interval's number of full calls: the fixed rule's error and the adaptive rules' errors at the
+    same count (their own point when the count matches, else interpolated in log error between their two nearest
+    counts), per family (method x forecast)."""
+    import math
+
+    def at(points: list[tuple[int, float]], calls: int) -> float | None:
+        exact = [e for n, e in points if n == calls]
+        if exact:
+            return exact[0]
+        below = max((p for p in points if p[0] < calls), default=None)
+        above = min((p for p in points if p[0] > calls), default=None)
+        if below is None or above is None:
+            return None
+        w = (calls - below[0]) / (above[0] - below[0])
+        return math.exp((1 - w) * math.log(below[1]) + w * math.log(above[1]))
+
+    rows = ["| family | fixed interval | full calls | fixed error | first-block error (ratio) | "
+            "magcache error (ratio) |", "|---|---|---|---|---|---|"]
+    variants = list(results["variants"].values())
+    for method in ("deepcache", "dato"):
+        for forecast in ("none", "taylor"):
+            fam = [v for v in variants if v["method"] == method and v["forecast"] == forecast]
+            curves = {rule: sorted((v["counts"]["full"], v["error"]) for v in fam if v["rule"] == rule)
+                      for rule in ("first-block", "magcache")}
+            for v in sorted((v for v in fam if v["rule"] == "fixed"), key=lambda v: -v["counts"]["full"]):
+                n = v["counts"]["full"]
+                cells = []
+                for rule in ("first-block", "magcache"):
+                    e = at(curves[rule], n)
+                    cells.append("-" if e is None else f"{e:.4f} ({e / v['error']:.2f})")
+                rows.append(f"| {method}{' +taylor' if forecast == 'taylor' else ''} | {v['knob']} | {n} | "
+                            f"{v['error']:.4f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def front_plot(results: dict[str, Any], path: Path) -> None:
+    """Left: paired speedup vs final-latent error (the front); right: error vs full calls (the equal-calls view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"fixed": "tab:blue", "dato-preset": "tab:purple", "first-block": "tab:orange", "magcache": "tab:green"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    variants = list(results["variants"].values())
+    for v in variants:
+        marker = "^" if v["forecast"] == "taylor" else "o"
+        face = colors[v["rule"]] if v["method"] == "dato" else "none"
+        kw = dict(marker=marker, s=42, edgecolors=colors[v["rule"]], facecolors=face, linewidths=1.3)
+        if v.get("speedup"):
+            ax.scatter(v["error"], v["speedup"], **kw)
+        ax2.scatter(v["counts"]["full"], v["error"], **kw)
+    for method, style in (("deepcache", "-"), ("dato", "--")):
+        for forecast in ("none", "taylor"):
+            for rule in ("fixed", "first-block", "magcache"):
+                pts = sorted((v["counts"]["full"], v["error"]) for v in variants if v["rule"] == rule
+                             and v["method"] == method and v["forecast"] == forecast)
+                if pts:
+                    ax2.plot(*zip(*pts), style, color=colors[rule], alpha=0.5 if forecast == "taylor" else 0.9, lw=1)
+    for ax_ in (ax, ax2):
+        ax_.set_yscale("log" if ax_ is ax2 else "linear")
+        ax_.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xlabel("final-latent relative error vs the full-step run")
+    ax.set_ylabel("speedup: full-step s / variant s (paired)")
+    ax2.set_xlabel("full UNet calls per generation")
+    ax2.set_ylabel("final-latent relative error")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=r) for r, c in colors.items()]
+    handles += [Line2D([], [], marker="o", ls="", mfc="none", color="gray", label="deepcache (hollow)"),
+                Line2D([], [], marker="o", ls="", color="gray", label="+ DaTo pruning (filled)"),
+                Line2D([], [], marker="^", ls="", color="gray", label="+ Taylor forecast (triangle)")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left")
+    h = results["header"]
+    fig.suptitle(f"{h['arch']} {h['latent']}x{h['latent']}, {h['steps']} DDIM steps, CFG {h['guidance']}, CPU "
+                 f"{h['threads']} thread(s), random weights (errors rank the rules only)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("graphprune").setLevel(logging.WARNING)
+    if opts.front:
+        out = Path(opts.out or "results/steps_policies")
+        results = run_front(opts, out)
+        print(front_table(results))
+        print()
+        print(equal_calls_table(results))
+        return 0
     results = run(opts)
     print(table(results))
     print(catome_table(results))
