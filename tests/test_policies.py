@@ -159,6 +159,28 @@ def test_first_block_graphs_are_static_and_split_at_the_first_down_stage(tiny):
         assert not any(m.startswith(("conv_in", "down_blocks", "mid_block")) for m in shallow.modules)
 
 
+@pytest.mark.parametrize("config,batch,latent", [(models.SD2_TINY, 1, (16, 24)), (models.SDXL_TINY, 3, (16, 16))])
+def test_first_block_on_sd2_and_sdxl_style_unets(config, batch, latent):
+    """SD2-style (linear proj_in, per-block heads) and SDXL-style (no attention in the first stage, text_time
+    embeddings in the probe) UNets, odd batches, a non-square latent: threshold 0 is the UNet, a huge one caches."""
+    model = models.unet(config)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, 4, *latent, generator=g)
+    _, kwargs = models.unet_inputs(model, 16, batch=batch)
+    ctx = torch.randn(batch, 7, model.config.cross_attention_dim, generator=g)
+    xs = trajectory(sample, 4)
+    for threshold, expected in ((0.0, ["full"] * 4), (1e9, ["full", "shallow", "full", "shallow"])):
+        torch._dynamo.reset()
+        fast, made = compile_steps(model, method="deepcache", policy="first-block", threshold=threshold, max_skips=1,
+                                   forecast="taylor")
+        for x, t in zip(xs, TIMESTEPS):
+            out = fast(x, torch.tensor(t), ctx, **kwargs).sample
+            ref = model(x, torch.tensor(t), ctx, **kwargs).sample
+            if threshold == 0:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert made[0].kinds == expected and made[0].probe.shape[0] == batch
+
+
 # ----------------------------------------------------------------------------------------------- Taylor
 def test_taylor_order_zero_equals_reuse_exactly(tiny):
     model, sample, ctx = tiny
