@@ -106,7 +106,8 @@ class InspectReport:
                     lines.append(f"  variant {v['kind']}: buckets {v['buckets']}, {v['ops']} ops, "
                                  f"{v['pruned_sites']} pruned site(s), {v['calls']} call(s)")
                     continue
-                runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
+                runs = ("the whole graph" if not r.get("probe") else "the graph after the probe") \
+                    if v["kind"] == "full" else ", ".join(v["modules"])
                 lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
                              f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")
             if r.get("steps_table"):  # step runtimes: the policy's record of each call (kind, signal, threshold)
