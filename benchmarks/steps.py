@@ -17,8 +17,9 @@ on the rewritten graphs run eagerly; reuse steps cost nothing).
 
 ``--front`` runs the step policies' speed-vs-error front instead (:func:`run_front`): fixed intervals, DaTo's presets,
 first-block and magcache, each with and without the Taylor forecast and with and without DaTo's pruning, every
-generation timed between two generations of the full-step baseline (paired), the FLOP bound of each variant, the
-final-latent error against the baseline's.
+generation timed between two generations of the full-step baseline (paired; wall and CPU seconds of this
+single-threaded process, the latter insensitive to other jobs on a shared machine), the FLOP bound of each variant,
+the final-latent error against the baseline's.
 """
 
 from __future__ import annotations
@@ -595,15 +596,16 @@ def time_variant(unet: Any, options: dict[str, Any], start: Any, ctx: Any, kwarg
     runtime.reset()
     probe = runtime.variants.get(("probe", runtime.config.ratio))
     probe_before = probe.calls if probe is not None else 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     final = generate(fast, start, ctx, kwargs, sched, guidance, device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     kinds = list(runtime.kinds)
     records = [{"kind": r.kind, "signal": r.signal, "accumulated": r.accumulated} for r in runtime.records]
     probe_calls = probe.calls - probe_before if probe is not None else 0
     del fast, made
     torch._dynamo.reset()
-    return {"seconds": seconds, "final": final, "kinds": kinds, "records": records, "probe_calls": probe_calls}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "final": final, "kinds": kinds, "records": records,
+            "probe_calls": probe_calls}
 
 
 def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -635,10 +637,12 @@ def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
     baseline = DirectBaseline(unet, start, ctx, kwargs, sched)
 
     def run_baseline() -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         final = generate(baseline, start, ctx, kwargs, sched, opts.guidance, device)
-        results["baselines"].append({"seconds": time.perf_counter() - t0, "loadavg": os.getloadavg()})
-        log.info("baseline generation: %.1f s", results["baselines"][-1]["seconds"])
+        results["baselines"].append({"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                     "loadavg": os.getloadavg()})
+        log.info("baseline generation: %.1f s (%.1f s CPU)", results["baselines"][-1]["seconds"],
+                 results["baselines"][-1]["cpu_seconds"])
         return final
 
     base_final = run_baseline()
@@ -685,7 +689,7 @@ def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
                         **{f"{m}/{f}/{'probe' if p else 'cut'}": v for (m, f, p), v in families.items()}}
     variants = front_variants(opts.steps, thresholds, budgets, str(cal_path), intervals)
     chunk: list[str] = []
-    before = results["baselines"][-1]["seconds"]
+    before = results["baselines"][-1]
     for i, variant in enumerate(tqdm(variants, desc="front", unit="variant")):
         r = time_variant(unet, variant["options"], start, ctx, kwargs, sched, opts.guidance, device)
         kinds = r.pop("kinds")
@@ -703,11 +707,14 @@ def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
             final_b = run_baseline()
             if not torch.equal(final_b, base_final):
                 log.warning("the baseline generation is not reproducible")
-            after = results["baselines"][-1]["seconds"]
+            after = results["baselines"][-1]
             for name in chunk:  # bracketed: the baseline generations just before and just after
                 v = results["variants"][name]
-                v["baseline_seconds"] = (v["baseline_before"] + after) / 2
-                v["speedup"] = v["baseline_seconds"] / v["seconds"]
+                b = v.pop("baseline_before")
+                v["baseline_seconds"] = (b["seconds"] + after["seconds"]) / 2
+                v["baseline_cpu_seconds"] = (b["cpu_seconds"] + after["cpu_seconds"]) / 2
+                v["wall_speedup"] = v["baseline_seconds"] / v["seconds"]
+                v["speedup"] = v["baseline_cpu_seconds"] / v["cpu_seconds"]  # CPU time: robust to other jobs
             chunk, before = [], after
         (out / "front.json").write_text(json.dumps(results, indent=1, default=str))
     header["loadavg_end"] = os.getloadavg()
@@ -719,15 +726,17 @@ def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def front_table(results: dict[str, Any]) -> str:
     """Every variant: calls by kind, seconds, paired speedup, FLOP bound, error, PSNR."""
-    rows = ["| variant | full / shallow / reuse (+probe) | s / generation | baseline s (paired) | speedup | "
-            "FLOP bound | final-latent rel. err | PSNR dB |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | full / shallow / reuse (+probe) | CPU s / generation | baseline CPU s (paired) | speedup "
+            "(CPU s) | speedup (wall s) | FLOP bound | final-latent rel. err | PSNR dB |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for v in sorted(results["variants"].values(), key=lambda v: (v["method"], v["forecast"], v["rule"],
                                                                 -v["counts"]["full"])):
         c = v["counts"]
         probe = f" (+{v['probe_calls']})" if v["probe_calls"] else ""
-        rows.append(f"| {v['name']} | {c['full']} / {c['shallow']} / {c['reuse']}{probe} | {v['seconds']:.1f} | "
-                    f"{v.get('baseline_seconds', float('nan')):.1f} | {v.get('speedup', float('nan')):.2f}x | "
-                    f"{v['flop_bound']:.2f}x | {v['error']:.4f} | {v['psnr']:.1f} |")
+        rows.append(f"| {v['name']} | {c['full']} / {c['shallow']} / {c['reuse']}{probe} | {v['cpu_seconds']:.1f} | "
+                    f"{v.get('baseline_cpu_seconds', float('nan')):.1f} | {v.get('speedup', float('nan')):.2f}x | "
+                    f"{v.get('wall_speedup', float('nan')):.2f}x | {v['flop_bound']:.2f}x | {v['error']:.4f} | "
+                    f"{v['psnr']:.1f} |")
     return "\n".join(rows)
 
 
@@ -796,7 +805,7 @@ def front_plot(results: dict[str, Any], path: Path) -> None:
         ax_.grid(alpha=0.3)
     ax.set_xscale("log")
     ax.set_xlabel("final-latent relative error vs the full-step run")
-    ax.set_ylabel("speedup: full-step s / variant s (paired)")
+    ax.set_ylabel("speedup: full-step CPU s / variant CPU s (paired)")
     ax2.set_xlabel("full UNet calls per generation")
     ax2.set_ylabel("final-latent relative error")
     from matplotlib.lines import Line2D
