@@ -19,9 +19,9 @@ from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, Deep
                       ToDoConfig, ToMeConfig, TokenMethod, config_from_dict, method_names, parse_options,
                       register_method, registered_methods)
 from .pipeline import apply, remove
+from .policy import FirstBlockPolicy, FixedPolicy, MagCachePolicy, StepPolicy, StepRecord
 from .report import GraphReport, InspectReport, SiteReport
 from .runtime import MatchCacheRuntime, Runtime, StepRuntime, reset, runtimes
-from .policy import FirstBlockPolicy, FixedPolicy, MagCachePolicy, StepPolicy, StepRecord
 from .schedule import Schedule, build_schedule
 
 __version__ = "0.1.0"
