@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--front", action="store_true", help="the step policies' speed-vs-error front (writes front.json, "
                    "front.md, front.png and the MagCache calibration into the --out folder)")
     p.add_argument("--pair-every", type=int, default=3, help="--front: variants between two baseline generations")
+    p.add_argument("--report-only", action="store_true", help="--front: rewrite front.md and front.png from the "
+                   "front.json in --out (no measurement)")
     opts = p.parse_args(argv)
     if opts.front:
         if opts.quick:
@@ -719,9 +721,58 @@ def run_front(opts: argparse.Namespace, out: Path) -> dict[str, Any]:
         (out / "front.json").write_text(json.dumps(results, indent=1, default=str))
     header["loadavg_end"] = os.getloadavg()
     (out / "front.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "front.md").write_text(front_table(results) + "\n\n" + equal_calls_table(results) + "\n")
-    front_plot(results, out / "front.png")
+    write_front_report(results, out)
     return results
+
+
+def write_front_report(results: dict[str, Any], out: Path) -> None:
+    """front.md (the summary, the equal-calls comparison, every variant) and front.png."""
+    text = ["## Summary (speedup from paired CPU seconds; error of the final latent vs the full-step run)", "",
+            summary_table(results), "", "## At the call count of each fixed interval", "", equal_calls_table(results),
+            "", "## Every variant", "", front_table(results), ""]
+    (out / "front.md").write_text("\n".join(text))
+    front_plot(results, out / "front.png")
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """One row per (family, fixed interval's call count): each rule's error and paired speedup at that count (the
+    adaptive rules' points placed at it by their knob; their actual counts in brackets when they differ)."""
+    rows = ["| family | full calls (interval) | fixed: error, speedup | first-block: error, speedup | "
+            "magcache: error, speedup | FLOP bound fixed / first-block |", "|---|---|---|---|---|---|"]
+    variants = list(results["variants"].values())
+    targets = sorted({int(k) for k in results["calibration"]["thresholds"]}, reverse=True)
+
+    def cell(v: dict[str, Any] | None, target: int) -> str:
+        if v is None:
+            return "-"
+        n = v["counts"]["full"]
+        speed = f"{v['speedup']:.2f}x" if v.get("speedup") else "-"
+        return f"{v['error']:.4f}, {speed}" + (f" ({n} calls)" if n != target else "")
+
+    for method in ("deepcache", "dato"):
+        for forecast in ("none", "taylor"):
+            fam = [v for v in variants if v["method"] == method and v["forecast"] == forecast]
+            label = f"{method}{' +taylor' if forecast == 'taylor' else ''}"
+            for target in targets:
+                by_rule = {}
+                for rule in ("fixed", "first-block", "magcache"):
+                    knob = {"fixed": None, "first-block": results["calibration"]["thresholds"],
+                            "magcache": results["calibration"]["budgets"]}[rule]
+                    match = [v for v in fam if v["rule"] == rule and (
+                        v["counts"]["full"] == target if rule == "fixed" else
+                        abs(float(v["knob"].split("=")[1]) - float(f"{knob[str(target)]:.3g}")) < 1e-12)]
+                    by_rule[rule] = match[0] if match else None
+                fixed = by_rule["fixed"]
+                interval = fixed["knob"] if fixed else "-"
+                bounds = " / ".join(f"{by_rule[r]['flop_bound']:.2f}x" if by_rule[r] else "-"
+                                    for r in ("fixed", "first-block"))
+                rows.append(f"| {label} | {target} ({interval}) | {cell(fixed, target)} | "
+                            f"{cell(by_rule['first-block'], target)} | {cell(by_rule['magcache'], target)} | {bounds} |")
+            for v in sorted((v for v in fam if v["rule"] == "dato-preset"), key=lambda v: v["knob"]):
+                c = v["counts"]
+                rows.append(f"| {label} | {c['full']} / {c['shallow']} / {c['reuse']} full/shallow/reuse ({v['knob']}) | "
+                            f"{cell(v, v['counts']['full'])} | - | - | {v['flop_bound']:.2f}x / - |")
+    return "\n".join(rows)
 
 
 def front_table(results: dict[str, Any]) -> str:
@@ -729,11 +780,13 @@ def front_table(results: dict[str, Any]) -> str:
     rows = ["| variant | full / shallow / reuse (+probe) | CPU s / generation | baseline CPU s (paired) | speedup "
             "(CPU s) | speedup (wall s) | FLOP bound | final-latent rel. err | PSNR dB |",
             "|---|---|---|---|---|---|---|---|---|"]
+    on_front = {v["name"] for v in pareto_front(list(results["variants"].values()))}
     for v in sorted(results["variants"].values(), key=lambda v: (v["method"], v["forecast"], v["rule"],
                                                                 -v["counts"]["full"])):
         c = v["counts"]
         probe = f" (+{v['probe_calls']})" if v["probe_calls"] else ""
-        rows.append(f"| {v['name']} | {c['full']} / {c['shallow']} / {c['reuse']}{probe} | {v['cpu_seconds']:.1f} | "
+        name = f"**{v['name']}** (front)" if v["name"] in on_front else v["name"]
+        rows.append(f"| {name} | {c['full']} / {c['shallow']} / {c['reuse']}{probe} | {v['cpu_seconds']:.1f} | "
                     f"{v.get('baseline_cpu_seconds', float('nan')):.1f} | {v.get('speedup', float('nan')):.2f}x | "
                     f"{v.get('wall_speedup', float('nan')):.2f}x | {v['flop_bound']:.2f}x | {v['error']:.4f} | "
                     f"{v['psnr']:.1f} |")
@@ -776,6 +829,16 @@ def equal_calls_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def pareto_front(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The variants no other variant beats on both speedup and error, by rising error."""
+    timed = sorted((v for v in variants if v.get("speedup")), key=lambda v: (v["error"], -v["speedup"]))
+    front: list[dict[str, Any]] = []
+    for v in timed:
+        if not front or v["speedup"] > front[-1]["speedup"]:
+            front.append(v)
+    return front
+
+
 def front_plot(results: dict[str, Any], path: Path) -> None:
     """Left: paired speedup vs final-latent error (the front); right: error vs full calls (the equal-calls view)."""
     import matplotlib
@@ -800,10 +863,18 @@ def front_plot(results: dict[str, Any], path: Path) -> None:
                              and v["method"] == method and v["forecast"] == forecast)
                 if pts:
                     ax2.plot(*zip(*pts), style, color=colors[rule], alpha=0.5 if forecast == "taylor" else 0.9, lw=1)
+    front = pareto_front(variants)
+    if front:
+        ax.plot([v["error"] for v in front], [v["speedup"] for v in front], ls=":", color="gray", lw=1,
+                label="front", zorder=0)
     for ax_ in (ax, ax2):
         ax_.set_yscale("log" if ax_ is ax2 else "linear")
         ax_.grid(alpha=0.3)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax2.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("final-latent relative error vs the full-step run")
     ax.set_ylabel("speedup: full-step CPU s / variant CPU s (paired)")
     ax2.set_xlabel("full UNet calls per generation")
@@ -829,8 +900,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("graphprune").setLevel(logging.WARNING)
     if opts.front:
         out = Path(opts.out or "results/steps_policies")
-        results = run_front(opts, out)
-        print(front_table(results))
+        if opts.report_only:
+            results = json.loads((out / "front.json").read_text())
+            write_front_report(results, out)
+        else:
+            results = run_front(opts, out)
+        print(summary_table(results))
         print()
         print(equal_calls_table(results))
         return 0
