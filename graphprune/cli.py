@@ -1,4 +1,5 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
+``graphprune generate --arch tiny --method tome --prompt "a red rocket" -o out/`` writes images and timings;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
 ``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
 
@@ -13,7 +14,11 @@ import torch
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="sito", help="pruning method (default: sito)")
+    from .methods import DEFAULT_OPTIONS, method_names
+
+    p.add_argument("--method", default=None, choices=method_names(),
+                   help=f"pruning method (default: the default configuration {DEFAULT_OPTIONS}, as options={{}} "
+                        "and graphprune.apply(pipe))")
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of tokens removed (default: the method's, 0.5 for tome/sito, 0.4 for dato)")
     p.add_argument("--scope", default=None, help="self | self+cross | self+cross+ff | block (default: the method's)")
@@ -24,6 +29,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None,
                    help="deepcache/dato: uniform | deepcache-nonuniform | dato-imagenet | dato-coco")
     p.add_argument("--cache-branch", type=int, default=None, help="deepcache/dato: where the UNet is cut (default 0)")
+    p.add_argument("--compiler", default=None, choices=("inductor", "eager", "aot_eager", "tensorrt"),
+                   help="inner compiler of the rewritten graph (default: inductor; eager skips the compile)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method option, VALUE parsed as JSON when it can be (repeatable), e.g. "
                         "--option threshold=0.7 --option refresh=config3 (catome)")
@@ -31,9 +38,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The method options given on the command line (unset ones keep the method's defaults)."""
-    options = {"method": args.method}
-    for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch"):
-        if getattr(args, key) is not None:
+    options = {"method": args.method} if args.method else {}
+    for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch", "compiler"):
+        if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     for item in getattr(args, "option", []):
         key, sep, value = item.partition("=")
@@ -90,6 +97,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Build or load a pipeline, apply the method, write one PNG per prompt and print a timing line per image."""
+    from .generate import GenerateOptions, generate
+
+    opts = GenerateOptions(arch=None if args.model else args.arch, model=args.model, options=_options(args),
+                           prompts=args.prompt or ["a photo of an astronaut riding a horse"],
+                           negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed, height=args.height,
+                           width=args.width, guidance=args.guidance, out=args.output, compare=args.compare)
+    for result in generate(opts):
+        print(result.line(), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .archs import ARCHS
 
@@ -119,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("generate", help="generate images end to end with a method applied: PNGs and a timing line each",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=("tiny", "sd15", "sd2", "sdxl"), default="tiny",
+                   help="built-in pipeline (random weights, no text encoder: the prompt seeds its embeddings)")
+    p.add_argument("--model", help="local diffusers pipeline folder (real weights) instead of --arch")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; one image each)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (the same for every image)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--compare", action="store_true",
+                   help="also generate each image unpruned (the UNet under the same inner compiler), alternately, "
+                        "and report the paired speed ratio and the PSNR between the two")
+    p.add_argument("-o", "--output", default="out", help="output folder for the PNGs")
+    _add_method_args(p)
+    p.set_defaults(func=cmd_generate)
+
     bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser("pareto", help="every registered method x ratios: speed vs Inductor, quality of a "
@@ -147,6 +186,8 @@ def cmd_bench_pareto(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command in ("export", "generate", "inspect"):  # long work: show its stages (graphprune.progress)
+        logging.getLogger("graphprune.progress").setLevel(logging.INFO)
     torch.set_grad_enabled(False)
     return args.func(args)
 

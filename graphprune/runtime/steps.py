@@ -34,6 +34,7 @@ from ..passes.cut import CutPoint, add_input, copy_graph_module, find_cut, full_
 from ..passes.match import find_attention_sites
 from ..passes.ops import node_val
 from ..passes.rewrite import prune_graph
+from ..progress import stage
 from ..report import GraphReport
 from ..schedule import Schedule, build_schedule
 from .base import Runtime
@@ -77,8 +78,9 @@ class StepRuntime(Runtime):
     name = "steps"
 
     def __init__(self, gm: GraphModule, example_inputs: list[Any], config: PruneConfig, method: TokenMethod,
-                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
-        super().__init__(gm, example_inputs, config, method, reports, all_reports, register)
+                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True,
+                 shape: str | None = None):
+        super().__init__(gm, example_inputs, config, method, reports, all_reports, register, shape)
         #: feature caching (full/shallow/reuse over a graph cut) or phases only (AT-EDM's DSAP: "early"/"late",
         #: each a differently pruned copy of the whole graph; no cut, no cached tensor)
         self.caches = config.caches
@@ -121,7 +123,7 @@ class StepRuntime(Runtime):
                              warn_unpruned=kind == self.first_kind)
         if context and not result.changed:  # nothing reads the state inputs: keep them (callers pass them)
             gm.recompile()
-        self.record(result.report)
+        self.record(result.report, kind)
         return gm, result.report, result.random_inputs, modules
 
     def _variant(self, kind: str, args: Iterable[Any]) -> Variant:
@@ -135,7 +137,8 @@ class StepRuntime(Runtime):
         gm, report, random_inputs, modules = self._build(kind)
         feed = RandomFeed(random_inputs, getattr(self.config, "seed", 0)) if random_inputs else None
         examples = list(args) + self._state_inputs(kind, examples=True) + (feed.examples() if feed else [])
-        fn = compile_inner(gm, examples, self.config)
+        with stage(f"compile the {kind} variant ({self.config.compiler}) for {self.shape}"):
+            fn = compile_inner(gm, examples, self.config)
         variant = Variant(kind=kind, gm=gm, fn=fn, feed=feed, report=report, modules=modules)
         self.variants[key] = variant
         log.info("graphprune[%s]: compiled the %s variant (%d of the graph's modules run)", self.config.method, kind,
