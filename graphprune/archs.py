@@ -58,9 +58,11 @@ def unet_config(arch: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | None = None
+                ) -> torch.nn.Module:
     """The model of a built-in architecture (a UNet2DConditionModel, or a DiT-family transformer for
-    ``pixart-tiny`` / ``dit-tiny``) with seeded random weights, in eval mode."""
+    ``pixart-tiny`` / ``dit-tiny``) with seeded random weights, in eval mode. ``device="meta"``: no weights at all
+    (shapes only, for ``graphprune inspect``)."""
     import diffusers
 
     if arch in TRANSFORMERS:
@@ -69,7 +71,8 @@ def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     else:
         cls, kwargs = diffusers.UNet2DConditionModel, unet_config(arch)
     torch.manual_seed(seed)
-    model = cls(**kwargs).eval()
+    with torch.device(device or "cpu"):
+        model = cls(**kwargs).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -145,14 +148,21 @@ def prompt_embeddings(pipe: Any, prompt: str, negative_prompt: str = "", length:
     return out
 
 
-def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a UNet from a local diffusers folder: a UNet folder or a pipeline folder with ``unet/`` inside."""
+def load_unet(path: str | Path, dtype: torch.dtype = torch.float32, weights: bool = True) -> torch.nn.Module:
+    """Load a UNet from a local diffusers folder: a UNet folder or a pipeline folder with ``unet/`` inside.
+
+    ``weights=False`` reads only its config and builds the UNet on the meta device (no weight is read or allocated:
+    enough for ``graphprune inspect``)."""
     from diffusers import UNet2DConditionModel
 
     path = Path(path)
     sub = "unet" if (path / "unet" / "config.json").exists() else None
     if sub is None and not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds neither config.json nor unet/config.json (a local diffusers folder)")
+    if not weights:
+        config = UNet2DConditionModel.load_config(path, subfolder=sub)
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config).to(dtype).eval()
     return UNet2DConditionModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype).eval()
 
 

@@ -53,10 +53,14 @@ def _options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _model_and_inputs(args: argparse.Namespace):
+def _model_and_inputs(args: argparse.Namespace, weights: bool = True):
+    """The model and example inputs of a command; ``weights=False`` builds it on the meta device (inspect)."""
     from .archs import build_model, example_inputs, load_unet
 
-    unet = load_unet(args.model) if args.model else build_model(args.arch)
+    if args.model:
+        unet = load_unet(args.model, weights=weights)
+    else:
+        unet = build_model(args.arch, device=None if weights else "meta")
     call_args, kwargs = example_inputs(unet, latent=args.latent, batch=args.batch, structured=False)
     return unet, call_args, kwargs
 
@@ -64,7 +68,7 @@ def _model_and_inputs(args: argparse.Namespace):
 def cmd_inspect(args: argparse.Namespace) -> int:
     import graphprune
 
-    unet, call_args, kwargs = _model_and_inputs(args)
+    unet, call_args, kwargs = _model_and_inputs(args, weights=False)  # inspect needs no weights
     options = _options(args)
     report = graphprune.inspect(unet, *call_args, options=options, **kwargs)
     if args.json:

@@ -88,11 +88,14 @@ def _fresh_entry(module: torch.nn.Module) -> Any:
     """A function with a code object of its own that calls ``module``: Dynamo keeps its cache entries and its
     automatic-dynamic history per code object, so this trace neither reads nor changes the user's."""
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return module(*args, **kwargs)
+    def call(*args: Any, self: torch.nn.Module = module, **kwargs: Any) -> Any:  # noqa: ANN001
+        # ``self``: Dynamo names the module's paths L['self'].down_blocks[0]... as when it traces forward itself
+        return self(*args, **kwargs)
 
     code = call.__code__.replace(co_name=f"graphprune_inspect_{next(_TRACE_SERIAL)}")
-    return type(call)(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+    fn = type(call)(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+    fn.__kwdefaults__ = call.__kwdefaults__
+    return fn
 
 
 def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None = None,

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from .ops import (SDPA_ARGS, assert_users, real_users, SDPA_TUPLE_ARGS, chain_scale, dropout_is_identity, index_tensor, is_symbolic,
-                  named_args, node_val, op_kind, replay, same, scale_factor, tensor_input, tensor_shape, walk_back)
+from .ops import (SDPA_ARGS, SDPA_TUPLE_ARGS, assert_users, chain_scale, dropout_is_identity, first_layout_match,
+                  is_symbolic, named_args, node_val, op_kind, real_users, scale_factor, tensor_input, tensor_shape,
+                  walk_back)
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,17 @@ def _prove_projection(t: Node, h: int, d: int, bmm: bool, transposed: bool) -> t
     if pshape is None or len(pshape) != 3:
         raise _NoMatch(f"projection {src.name} is not a static (B, L, F) tensor")
     B = pshape[0]
-    probe = index_tensor(pshape)
-    got = replay(chain, src, probe)
-    for start in range(0, pshape[2] - h * d + 1, h * d):
-        want = _head_split(probe, start, h, d, B, bmm)
-        if transposed:
-            want = want.transpose(-1, -2)
-        if same(got, want):
-            return Projection(src, weight, bias, start, h * d), chain, chain_scale(chain)
+    starts = list(range(0, pshape[2] - h * d + 1, h * d))
+
+    def split_at(start: int):
+        def want(probe: torch.Tensor) -> torch.Tensor:
+            w = _head_split(probe, start, h, d, B, bmm)
+            return w.transpose(-1, -2) if transposed else w
+        return ("head split", start, h, d, B, bmm, transposed), want
+
+    found = first_layout_match(chain, src, pshape, [split_at(start) for start in starts])
+    if found is not None:
+        return Projection(src, weight, bias, starts[found], h * d), chain, chain_scale(chain)
     raise _NoMatch(f"layout ops from {src.name} to {t.name} are not a head split into {h} heads of {d}")
 
 
@@ -176,8 +180,8 @@ def _prove_output(att: Node, h: int, B: int, bmm: bool) -> tuple[Projection, lis
     shape = tensor_shape(att)
     if shape is None:
         raise _NoMatch("attention output has no static shape")
-    probe = index_tensor(shape)
-    if not same(replay(chain, att, probe), _head_merge(probe, h, B, bmm)):
+    merge = (("head merge", h, B, bmm), lambda probe: _head_merge(probe, h, B, bmm))
+    if first_layout_match(chain, att, shape, [merge]) is None:
         raise _NoMatch(f"layout ops after {att.name} are not the canonical head merge")
     return Projection(out_linear, weight, bias, 0, int(tensor_shape(out_linear)[-1])), chain
 
@@ -345,9 +349,8 @@ def find_token_grid(start: Node, limit: int = 20000) -> tuple[int, int] | None:
             src, chain = walk_back(node, {"layout", "cast"})
             sshape = tensor_shape(src)
             if sshape is not None and len(sshape) == 4 and sshape[0] == B and sshape[2] * sshape[3] == N:
-                probe = index_tensor(sshape)
-                want = probe.permute(0, 2, 3, 1).reshape(B, N, sshape[1])
-                if same(replay(chain, src, probe), want):
+                flatten = (("flatten", B, N), lambda probe: probe.permute(0, 2, 3, 1).reshape(B, N, probe.shape[1]))
+                if first_layout_match(chain, src, sshape, [flatten]) == 0:
                     return sshape[2], sshape[3]
         for arg in node.all_input_nodes:
             ashape = tensor_shape(arg)

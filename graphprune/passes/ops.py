@@ -7,9 +7,10 @@ once for both IRs. :func:`replay` re-runs a chain of layout nodes on a concrete 
 
 from __future__ import annotations
 
+import collections
 import math
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -273,6 +274,55 @@ def walk_back(node: Node, kinds: set[str]) -> tuple[Node, list[Node]]:
 def chain_scale(chain: Sequence[Node]) -> float:
     """Product of the scalar factors of the scale nodes in a chain."""
     return math.prod(scale_factor(n) or 1.0 for n in chain if op_kind(n) == "scale")
+
+
+def chain_signature(chain: Sequence[Node], start: Node) -> Hashable:
+    """What a layout chain does, independent of the graph it sits in: each node's op, target and arguments, with
+    graph nodes named by their position in ``[start, *chain]`` (-1: a node from outside the chain)."""
+    position = {start: 0}
+
+    def encode(a: Any) -> Any:
+        if isinstance(a, Node):
+            return ("node", position.get(a, -1))
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(encode(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, encode(v)) for k, v in a.items())))
+        if isinstance(a, slice):
+            return ("slice", encode(a.start), encode(a.stop), encode(a.step))
+        return a if isinstance(a, Hashable) else repr(a)
+
+    sig = []
+    for i, n in enumerate(chain, 1):
+        sig.append((n.op, n.target, encode(n.args), encode(n.kwargs)))
+        position[n] = i
+    return tuple(sig)
+
+
+_PROOFS: "collections.OrderedDict[Hashable, int | None]" = collections.OrderedDict()
+_PROOF_CACHE_SIZE = 1024
+
+
+def first_layout_match(chain: Sequence[Node], start: Node, shape: Sequence[int],
+                       candidates: Sequence[tuple[Hashable, Callable[[torch.Tensor], torch.Tensor]]]) -> int | None:
+    """Replay ``chain`` (fed by ``start`` of ``shape``) on an index tensor and return the position of the first
+    candidate layout it equals exactly (each candidate: (a key naming it, probe -> the wanted tensor)), or None.
+
+    The verdict is memoized by the chain's signature, the shape and the candidates' keys: a model repeats the same
+    few layouts in every block, and the index tensors of large attentions (tens of MB) are what proving costs."""
+    key = (chain_signature(chain, start), tuple(shape), tuple(k for k, _ in candidates))
+    if key in _PROOFS:
+        _PROOFS.move_to_end(key)
+        return _PROOFS[key]
+    probe = index_tensor(shape)
+    got = replay(chain, start, probe)
+    found = None
+    if got is not None:
+        found = next((i for i, (_, want) in enumerate(candidates) if same(got, want(probe))), None)
+    _PROOFS[key] = found
+    if len(_PROOFS) > _PROOF_CACHE_SIZE:
+        _PROOFS.popitem(last=False)
+    return found
 
 
 def index_tensor(shape: Sequence[int]) -> torch.Tensor:
