@@ -125,6 +125,21 @@ def build_pipeline(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                                              requires_safety_checker=False)
 
 
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A diffusers pipeline from a local folder (``model_index.json``); never touches the hub. Components saved as
+    missing (``[null, null]``, e.g. no text encoder or safety checker) load as None."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{path} has no model_index.json: a local diffusers pipeline folder (saved with "
+                                "pipeline.save_pretrained) is needed")
+    missing = {name: None for name, value in json.loads(index.read_text()).items()
+               if isinstance(value, list) and value and value[0] is None}
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype, **missing)
+
+
 def prompt_embeddings(pipe: Any, prompt: str, negative_prompt: str = "", length: int = 77) -> dict[str, Any]:
     """The ``prompt_embeds`` (and SDXL's pooled) keyword arguments for a pipeline without a text encoder: Gaussian
     embeddings (1, length, cross_attention_dim) seeded by the text (the same prompt always gives the same ones).

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .archs import build_pipeline, prompt_embeddings
+from .archs import build_pipeline, load_pipeline, prompt_embeddings
 from .methods import parse_options
 from .pipeline import apply, unpruned
 
@@ -86,13 +86,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
 
 
-def load_pipeline(opts: GenerateOptions) -> Any:
+def pipeline_of(opts: GenerateOptions) -> Any:
     """The pipeline of ``opts``: built from a built-in architecture, or loaded from a local folder."""
     dtype = getattr(torch, opts.dtype)
     if opts.model:
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(opts.model, torch_dtype=dtype)
+        return load_pipeline(opts.model, dtype=dtype)
     if not opts.arch:
         raise ValueError("give an architecture (arch=...) or a local pipeline folder (model=...)")
     return build_pipeline(opts.arch, dtype=dtype)
@@ -131,7 +129,7 @@ def generate(opts: GenerateOptions, pipe: Any = None) -> list[ImageResult]:
     """Generate one image per prompt with graphprune applied (see the module docstring); PNGs into ``opts.out``."""
     from PIL import Image
 
-    pipe = pipe if pipe is not None else load_pipeline(opts)
+    pipe = pipe if pipe is not None else pipeline_of(opts)
     text_encoder = getattr(pipe, "text_encoder", None) is not None
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,4 +158,4 @@ def generate(opts: GenerateOptions, pipe: Any = None) -> list[ImageResult]:
     return results
 
 
-__all__ = ["GenerateOptions", "ImageResult", "generate", "load_pipeline"]
+__all__ = ["GenerateOptions", "ImageResult", "generate", "pipeline_of"]
