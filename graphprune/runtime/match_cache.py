@@ -78,7 +78,8 @@ class MatchCacheRuntime(Runtime):
         super().__init__(gm, example_inputs, config, method, reports, all_reports, register, shape)
         self.refresh: RefreshSchedule = build_refresh(config.refresh)
         self.variants: dict[tuple[str, Buckets], MatchVariant] = {}
-        self.generator = torch.Generator(device=self.device)
+        # inspect builds runtimes on the meta device, which has no generator (and never draws)
+        self.generator = torch.Generator(device=self.device if self.device.type != "meta" else "cpu")
         self.state_specs: list[tuple[StateSpec, ...]] = []
         self.random_specs: list = []
         # sites and their geometry, from the refresh graph with buckets 0 (compiled now: errors surface here)
