@@ -1,6 +1,7 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
+``graphprune bench pareto|speed|steps|atedm|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
+flags are the fields of its options dataclass, the command prints the table its ``run`` returns)."""
 
 from __future__ import annotations
 

@@ -91,6 +91,44 @@ def test_the_timer_sees_recompiles():
     torch._dynamo.reset()
 
 
+def test_a_baseline_that_recompiles_during_the_pairs_is_reported(caplog):
+    base = torch.compile(torch.nn.Linear(4, 4), backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    res = timing.time_calls(lambda i: None, Protocol(runs=3, warmup=0, retries=0),
+                            baseline=lambda i: base(torch.randn(i + 1, 4)))  # a new shape per call
+    assert res["baseline_recompiles"]["unique_graphs"] == 3 and "the baseline recompiled" in caplog.text
+    torch._dynamo.reset()
+
+
+def test_a_peer_compiled_by_dynamo_neither_degrades_the_baseline_nor_the_variants_after_it():
+    """tomesd's patched copy under torch.compile breaks the graph inside the UNet's loops, and Dynamo then runs the
+    UNet's forward uncompiled for every instance: the baseline compiles its own function (untouched), and the
+    timer's reset() lets a graphprune variant timed after the peer see the whole graph again."""
+    from graphprune.archs import build_model, example_inputs
+    from graphprune.backend import REPORTS
+    from graphprune.bench.calls import timestep_calls
+
+    model = build_model("tiny")
+    template = example_inputs(model, latent=16, batch=2)
+    torch._dynamo.reset()
+    protocol = Protocol(runs=2, warmup=1, retries=0)
+    n = protocol.calls()
+    timer = timing.PairedTimer(protocol, timestep_calls(variants.variant("dynamo-eager").build(model).fn, template, n))
+    peer = variants.variant("tomesd").build(model).patched
+    res = timer.time(timestep_calls(torch.compile(peer, backend="eager"), template, n), "tomesd + dynamo")
+    assert res["graph_breaks"] > 0
+    assert res["baseline_recompiles"] == {"unique_graphs": 0, "frames_ok": 0, "graph_breaks": 0}
+    assert variants.variant("tomesd+inductor").poisons_dynamo and not variants.variant("tomesd").poisons_dynamo
+    timer.reset()
+    assert len(timer.baseline["rewarm_s"]) == 1
+    mark = len(REPORTS)
+    res = timer.time(timestep_calls(variants.variant("tome0.5-fx").build(model).fn, template, n), "tome")
+    assert res["graphs"] == 1 and res["graph_breaks"] == 0
+    assert sum(r.count("pruned", "self") for r in list(REPORTS)[mark:]) > 0
+    assert res["baseline_recompiles"] == {"unique_graphs": 0, "frames_ok": 0, "graph_breaks": 0}
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # variants and options
 

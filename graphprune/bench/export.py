@@ -30,7 +30,7 @@ from .env import environment, format_header
 from .options import ExportOptions
 from .output import render_table, write_json
 from .timing import PairedTimer
-from .variants import Variant, variants
+from .variants import Variant, variant, variants
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def bench_tensorrt(opts: ExportOptions, chosen: list[Variant], latent: int) -> d
     unet = build_model(opts.arch, dtype=torch.float16).cuda()
     call_args, _ = example_inputs(unet, latent=latent, batch=opts.batch, structured=True)
     device = torch.device("cuda")
-    base = torch.compile(unet)
+    base = variant("inductor").build(unet).fn
     timer = PairedTimer(opts.protocol(), lambda i: base(*call_args), desc="inductor (baseline)", device=device)
     fns: dict[str, Callable[[int], Any]] = {}
     for key, options in [("unpruned", UNPRUNED)] + [(v.key, v.options) for v in chosen]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 PROTOCOL = "speed protocol (the paired timer)"
+#: calls at distinct timesteps one variant can make (graphprune.bench.calls.timestep_schedule)
+DISTINCT_TIMESTEPS = 99
 
 
 def opt(default: Any, help: str, *, group: str | None = None, choices: Sequence[Any] | None = None,
@@ -51,11 +53,15 @@ class Protocol:
         """The most calls one variant can make (first + warm-up + every attempt's timed calls)."""
         return 1 + self.warmup + self.runs * (1 + self.retries)
 
-    def check(self, min_warmup: int = 0) -> None:
+    def check(self, min_warmup: int = 0, max_calls: int | None = None) -> None:
+        """ValueError for a protocol that cannot run; ``max_calls``: the most calls a variant may make (e.g. the
+        99 distinct timesteps of :func:`~graphprune.bench.calls.timestep_schedule`)."""
         if self.runs < 1 or self.warmup < min_warmup or self.retries < 0:
             raise ValueError(f"need --runs >= 1, --warmup >= {min_warmup}, --retries >= 0")
         if self.contention < 0 or self.retry_wait < 0:
             raise ValueError("need --contention >= 0 and --retry-wait >= 0")
+        if max_calls is not None and self.calls() > max_calls:
+            raise ValueError(f"too many calls per variant (1 + warmup + runs * (1 + retries) must be <= {max_calls})")
 
     def describe(self) -> str:
         return (f"first call alone, {self.warmup} warm-up, median of {self.runs} timed calls each paired with a "
@@ -207,9 +213,7 @@ class ParetoOptions(BenchOptions):
         resolve_methods(self.methods)
         if not self.ratios:
             raise ValueError("--ratios is empty")
-        self.protocol().check(min_warmup=1)
-        if self.protocol().calls() > 99:
-            raise ValueError("too many calls per variant (1 + warmup + runs * (1 + retries) must be <= 99)")
+        self.protocol().check(min_warmup=1, max_calls=DISTINCT_TIMESTEPS)
         if self.model is None:
             _check_arch(self.arch)
         if self.model is not None and not (self.prompts or self.prompt_embeds):
@@ -253,9 +257,7 @@ class SpeedOptions(BenchOptions):
 
     def check(self) -> None:
         _check_arch(self.arch)
-        self.protocol().check(min_warmup=2)
-        if self.protocol().calls() > 99:
-            raise ValueError("too many calls per variant (1 + warmup + runs * (1 + retries) must be <= 99)")
+        self.protocol().check(min_warmup=2, max_calls=DISTINCT_TIMESTEPS)
         if not self.latents or not self.variants:
             raise ValueError("--latents and --variants must not be empty")
 
@@ -343,9 +345,7 @@ class AtedmOptions(BenchOptions):
 
     def check(self) -> None:
         _check_arch(self.arch, extra=("sdxl-tiny",))
-        self.protocol().check()
-        if self.protocol().calls() > 99:
-            raise ValueError("too many calls per variant (1 + warmup + runs * (1 + retries) must be <= 99)")
+        self.protocol().check(max_calls=DISTINCT_TIMESTEPS)
         bad = [m for m in self.methods if m not in ATEDM_METHODS]
         if bad:
             raise ValueError(f"unknown --methods {bad}; choose from {list(ATEDM_METHODS)}")

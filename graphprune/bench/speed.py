@@ -107,7 +107,7 @@ def run_latent(latent: int, unet: torch.nn.Module, chosen: list[Variant], opts: 
     timer = PairedTimer(opts.protocol(), timestep_calls(base.fn, template, n), desc=f"{chosen[0].key} (baseline)",
                         device=device)
     out["variants"][chosen[0].key] = finish_variant(chosen[0], base.fn, timer.baseline, template, ref, opts, [])
-    for v in tqdm(chosen[1:], desc=f"latent {latent}", unit="variant"):
+    for pos, v in enumerate(tqdm(chosen[1:], desc=f"latent {latent}", unit="variant")):
         log.info("latent %d: variant %s", latent, v.key)
         try:
             mark = len(REPORTS)
@@ -120,7 +120,9 @@ def run_latent(latent: int, unet: torch.nn.Module, chosen: list[Variant], opts: 
             out["variants"][v.key] = {"error": tb}
         finally:
             fn = None
-            gc.collect()  # never torch._dynamo.reset() here: the compiled baseline stays valid for the pairs
+            gc.collect()  # no torch._dynamo.reset() here: the compiled baseline stays valid for the pairs
+            if v.poisons_dynamo and pos + 2 < len(chosen):
+                timer.reset()
     attach_bounds(out, chosen)
     out["labels"] = {v.key: v.label for v in chosen}
     reset()
@@ -206,8 +208,8 @@ def table(latent_result: dict[str, Any], header: dict[str, Any]) -> str:
         lines.append(f"unpruned FLOPs per call: {fl['total_unpruned'] / 1e9:.2f} GFLOP (FlopCounterMode, CPU "
                      f"flash-attention counted); rewritten-graph capture covers the model: {cc.get('covers_model')}")
     lines.append(f"speedup = median over pairs of ({base} call / variant call): every timed call of a variant is "
-                 f"paired with a {base} call at the same timestep (alternating order); the baseline row is its own "
-                 "calls timed alone")
+                 f"paired with a call of the baseline ({base}) at the same timestep, in alternating order; the "
+                 "baseline row is its own calls timed alone")
     lines.append("recompiles warm/timed = new Dynamo graphs during the warm-up / the timed calls; other CPU = average "
                  "cores used by other processes during the timed calls (try n: contended sets were repeated and the "
                  "n-th, least contended, is reported)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -78,16 +79,16 @@ def run(opts: StepsOptions) -> dict[str, Any]:
         reference = base_out[max(base_out)]  # the unpruned final latent of the error column
         result: dict[str, Any] = {"header": header, "variants": {}}
         result["variants"][base_name] = record(chosen[0], timer.baseline, base_out, {}, base, ctx, unet)
-        for v in tqdm(chosen[1:], desc="variants"):
+        for pos, v in enumerate(tqdm(chosen[1:], desc="variants")):
             try:
                 v = resolve(v, result, opts)
                 result["variants"][v.key] = measure(v, timer, ctx, unet, device)
             except Exception as exc:  # noqa: BLE001
-                import traceback
-
                 log.error("%s failed: %s\n%s", v.key, exc, traceback.format_exc())
                 result["variants"][v.key] = {"name": v.label, "error": traceback.format_exc()}
-            gc.collect()  # never torch._dynamo.reset() here: the compiled baseline stays valid for the pairs
+            gc.collect()  # no torch._dynamo.reset() here: the compiled baseline stays valid for the pairs
+            if v.poisons_dynamo and pos + 2 < len(chosen):
+                timer.reset()
             if opts.out:
                 write_json(_json_ready(result), opts.out)  # partial results survive a crash
         header["loadavg_end"] = loadavg()  # other processes on the machine skew every time

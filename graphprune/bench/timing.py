@@ -104,6 +104,15 @@ def _timed(call: Call, i: int, device: Any) -> float:
     return time.perf_counter() - start
 
 
+def _timed_baseline(call: Call, i: int, device: Any, recompiles: dict[str, int]) -> float:
+    """A baseline call of a pair; Dynamo's counters around it add to ``recompiles`` (must stay 0)."""
+    before = dynamo_stats()
+    seconds = _timed(call, i, device)
+    for k, v in delta(dynamo_stats(), before).items():
+        recompiles[k] += v
+    return seconds
+
+
 def time_calls(call: Call, protocol: Protocol, *, baseline: Call | None = None, desc: str = "",
                device: Any = None, before_timed: Callable[[], None] | None = None) -> dict[str, Any]:
     """Time ``call`` under ``protocol``; with ``baseline`` (already compiled and warm) pair every timed call.
@@ -113,7 +122,8 @@ def time_calls(call: Call, protocol: Protocol, *, baseline: Call | None = None, 
     attempt, ``attempts`` (every timed set with ``other_cpu_cores`` and ``loadavg``), ``timed_attempt_used``,
     ``other_cpu_cores``, the Dynamo counter deltas (``first_call``, ``recompiles_warmup``, ``recompiles_timed``,
     ``graphs``, ``graph_breaks``, ``no_recompiles_timed``) and with a baseline ``baseline_times_s``,
-    ``baseline_median_s``, ``pair_ratios`` (baseline / variant per pair) and ``speedup_paired`` (their median).
+    ``baseline_median_s``, ``pair_ratios`` (baseline / variant per pair), ``speedup_paired`` (their median) and
+    ``baseline_recompiles`` (Dynamo counters grown during the baseline's calls: must be 0, warned otherwise).
     """
     from tqdm import tqdm
 
@@ -132,16 +142,17 @@ def time_calls(call: Call, protocol: Protocol, *, baseline: Call | None = None, 
             before_timed()
         s2 = dynamo_stats()
         attempts: list[dict[str, Any]] = []
+        base_recompiles = {"unique_graphs": 0, "frames_ok": 0, "graph_breaks": 0}
         for attempt in range(1 + protocol.retries):
             first = 1 + protocol.warmup + attempt * protocol.runs
             cpu0, wall0 = cpu_busy_s(), time.perf_counter()
             times, base_times = [], []
             for k, i in enumerate(range(first, first + protocol.runs)):
                 if baseline is not None and k % 2 == 0:
-                    base_times.append(_timed(baseline, i, device))
+                    base_times.append(_timed_baseline(baseline, i, device, base_recompiles))
                 times.append(_timed(call, i, device))
                 if baseline is not None and k % 2 == 1:
-                    base_times.append(_timed(baseline, i, device))
+                    base_times.append(_timed_baseline(baseline, i, device, base_recompiles))
                 bar.update()
             other = other_cpu_share(cpu0, cpu_busy_s(), time.perf_counter() - wall0)
             attempts.append({"times_s": times, "other_cpu_cores": other, "loadavg": loadavg()})
@@ -166,7 +177,11 @@ def time_calls(call: Call, protocol: Protocol, *, baseline: Call | None = None, 
         bt = best["baseline_times_s"]
         ratios = [b / v for b, v in zip(bt, times)]
         res.update(baseline_times_s=bt, baseline_median_s=statistics.median(bt), pair_ratios=ratios,
-                   speedup_paired=statistics.median(ratios))
+                   speedup_paired=statistics.median(ratios), baseline_recompiles=base_recompiles)
+        if base_recompiles["unique_graphs"] or base_recompiles["frames_ok"]:
+            log.warning("%s: the baseline recompiled during the pairs (%s): its timed calls include compiles, the "
+                        "speedups are wrong (a variant's Dynamo cache entry served the baseline?)", desc,
+                        base_recompiles)
     res["graphs"] = res["first_call"]["unique_graphs"]
     res["graph_breaks"] = res["first_call"]["graph_breaks"]
     res["no_recompiles_timed"] = not (res["recompiles_timed"]["unique_graphs"] or res["recompiles_timed"]["frames_ok"])
@@ -182,7 +197,8 @@ class PairedTimer:
     ``paired=False`` times variants alone and divides medians (``speedup = baseline median / variant median``):
     kept for comparison with earlier runs; on a shared machine prefer the pairs. The baseline must stay valid for
     the whole benchmark (do not ``torch._dynamo.reset()`` while it is in use: each variant adds its own Dynamo
-    cache entry, guarded on its backend, so nothing recompiles).
+    cache entry, guarded on its backend, so nothing recompiles; where a reset is needed, :meth:`reset` compiles
+    the baseline again before the next pairs).
     """
 
     def __init__(self, protocol: Protocol, baseline: Call, *, desc: str = "baseline", device: Any = None,
@@ -190,6 +206,19 @@ class PairedTimer:
         self.protocol, self.call, self.desc, self.device, self.paired = protocol, baseline, desc, device, paired
         self.baseline = time_calls(baseline, protocol, desc=desc, device=device)
         self.baseline["speedup"] = 1.0
+
+    def reset(self) -> None:
+        """``torch._dynamo.reset()`` (after a variant that leaves Dynamo unusable for the next ones, e.g. a patched
+        peer under ``torch.compile``), then the baseline's first call and warm-up again, untimed by the pairs: the
+        next pair's baseline call must not compile. The recompile seconds go to ``baseline["rewarm_s"]``."""
+        reset()
+        with torch.no_grad():
+            start = time.perf_counter()
+            for i in range(1 + self.protocol.warmup):
+                self.call(i)
+            sync(self.device)
+        self.baseline.setdefault("rewarm_s", []).append(time.perf_counter() - start)
+        log.info("%s: Dynamo reset, baseline compiled again in %.1f s", self.desc, self.baseline["rewarm_s"][-1])
 
     @property
     def median_s(self) -> float:

@@ -7,9 +7,9 @@
     built = v.build(unet)                        # built.fn(sample, t, context) runs the variant
     built.close()                                # undoes a peer's module patching (DeepCache's helper)
 
-Kinds: ``eager`` (the model), ``inductor`` (``torch.compile(model)``), ``dynamo-eager`` (Dynamo's graph, eager
-backend), ``graphprune`` (``torch.compile(model, backend="graphprune", options=...)``), and the peers a user would
-pick instead, each on a deep copy of the model: ``tomesd`` (``tomesd.apply_patch(copy, ratio)``) and ``deepcache``
+Kinds: ``eager`` (the model), ``inductor`` (the model under ``torch.compile``: :func:`compiled_call`),
+``dynamo-eager`` (Dynamo's graph, eager backend), ``graphprune`` (``torch.compile(model, backend="graphprune", options=...)``), and
+the peers a user would pick instead, each on a deep copy of the model: ``tomesd`` (``tomesd.apply_patch(copy, ratio)``) and ``deepcache``
 (the DeepCache package's ``DeepCacheSDHelper``); ``inductor=True`` compiles the patched copy. Catalogue names are
 stable: the README's commands use them.
 """
@@ -34,6 +34,21 @@ log = logging.getLogger(__name__)
 TOMESD = "tomesd"
 KINDS = ("eager", "inductor", "dynamo-eager", "graphprune", "tomesd", "deepcache")
 UNPRUNED = ("eager", "inductor", "dynamo-eager")
+
+
+def compiled_call(model: torch.nn.Module, backend: str) -> Callable[..., Any]:
+    """``torch.compile`` of a function that calls ``model`` (Dynamo inlines the model into its own graph).
+
+    The compiled code object is this closure's, not ``type(model).forward``'s: Dynamo marks a code object it gave
+    up on (a graph break in a loop, as in tomesd's patched blocks) to run uncompiled from then on, for *every*
+    instance of the class, so a baseline compiled on the module itself would silently fall back to eager as soon
+    as a patched copy of the same class was compiled in the process.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
+
+    return torch.compile(call, backend=backend)
 
 
 @dataclass
@@ -83,6 +98,15 @@ class Variant:
         return self.kind in UNPRUNED
 
     @property
+    def poisons_dynamo(self) -> bool:
+        """True for a peer compiled by Dynamo (``tomesd+inductor``, ``DeepCache3+inductor``): their patched blocks
+        break the graph inside the UNet's loops, and Dynamo then runs ``UNet2DConditionModel.forward`` uncompiled
+        for every later ``torch.compile`` of any UNet in the process (a graphprune variant would see fragments and
+        prune nothing) until ``torch._dynamo.reset()``: :meth:`~graphprune.bench.timing.PairedTimer.reset` after
+        such a variant."""
+        return self.kind in ("tomesd", "deepcache") and self.inductor
+
+    @property
     def stateful(self) -> bool:
         """True where the variant carries state across calls (a graphprune runtime, DeepCache's helper)."""
         if self.kind == "deepcache":
@@ -112,9 +136,9 @@ class Variant:
         if self.kind == "eager":
             return Built(model)
         if self.kind == "inductor":
-            return Built(torch.compile(model))
+            return Built(compiled_call(model, "inductor"))
         if self.kind == "dynamo-eager":
-            return Built(torch.compile(model, backend="eager"))
+            return Built(compiled_call(model, "eager"))
         if self.kind == "graphprune":
             options = dict(self.options) if compiler is None else {**self.options, "compiler": compiler}
             return Built(torch.compile(model, backend="graphprune", options=options))
@@ -256,5 +280,5 @@ def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     return archs.build_model(arch, dtype=dtype, seed=seed)
 
 
-__all__ = ["Variant", "Built", "variant", "variants", "grid", "catalogue_names", "CATALOGUE", "TOMESD",
+__all__ = ["Variant", "Built", "compiled_call", "variant", "variants", "grid", "catalogue_names", "CATALOGUE", "TOMESD",
            "build_model", "graphprune_variant"]
