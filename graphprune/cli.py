@@ -1,7 +1,8 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
 ``graphprune generate --arch tiny --method tome --prompt "a red rocket" -o out/`` writes images and timings;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`)."""
+``graphprune bench pareto|speed|steps|atedm|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
+flags are the fields of its options dataclass, the command prints the table its ``run`` returns)."""
 
 from __future__ import annotations
 
@@ -162,29 +163,114 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(p)
     p.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    p = bench_sub.add_parser("pareto", help="every registered method x ratios: speed vs Inductor, quality of a "
-                             "seeded DDIM loop (or of images with --model); JSON, table, pareto.png",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .bench.pareto import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench_pareto)
+    _add_bench_commands(sub)
     return parser
 
 
-def cmd_bench_pareto(args: argparse.Namespace) -> int:
-    from .bench.pareto import run_from_args
+# ------------------------------------------------------------------------------------------------------------------
+# graphprune bench <name>: each command's flags are the fields of its options dataclass (graphprune/bench/options.py)
+
+#: name -> (options class in graphprune.bench.options, help)
+BENCHMARKS = {
+    "pareto": ("ParetoOptions", "every registered method x ratios: speed vs Inductor, quality of a seeded DDIM loop "
+               "(or of images with --model); JSON, table, pareto.png"),
+    "speed": ("SpeedOptions", "per-call speed of eager, Inductor, graphprune and tomesd on one UNet, each timed "
+              "call paired with a baseline call; error and Amdahl/FLOP bounds"),
+    "steps": ("StepsOptions", "whole denoising loops: step caching (deepcache, dato, catome) and pruning vs full "
+              "steps, each timed generation paired with a baseline generation"),
+    "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
+    "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
+               "Inductor on CUDA"),
+}
+
+
+def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (graphprune bench NAME --help)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from .bench import options
+
+    for name, (cls_name, text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=text, description=text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_option_fields(p, getattr(options, cls_name))
+        if name == "pareto":
+            p.add_argument("--replot", default=None, metavar="JSON",
+                           help="measure nothing: recompute the front, table and plot of a pareto.json (also a "
+                                "partial one from an interrupted run) into -o")
+        p.add_argument("--log-level", default="INFO", help="logging level of graphprune.bench")
+        p.set_defaults(func=cmd_bench, options_class=getattr(options, cls_name))
+    p = bench_sub.add_parser("variants", help="list the named variants the benchmarks' --variants take")
+    p.set_defaults(func=cmd_bench_variants)
+
+
+def _add_option_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of an options dataclass (help, group, choices from the field's metadata)."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        target = groups.setdefault(meta["group"], p.add_argument_group(meta["group"])) if meta["group"] else p
+        name = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kwargs: dict = {"dest": f.name, "help": meta["help"]}
+        if kind is bool:
+            flag = meta["flag"] or ("--no-" if f.default else "--") + f.name.replace("_", "-")
+            target.add_argument(flag, action="store_false" if f.default else "store_true", **kwargs)
+            continue
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            kwargs.update(type=lambda text, item=item: tuple(item(x.strip()) for x in text.split(",") if x.strip()),
+                          default=",".join(str(x) for x in f.default) if f.default is not None else None,
+                          metavar=meta["metavar"] or f.name.upper().rstrip("S") + ",...")
+        else:
+            kwargs.update(type=kind, default=f.default, metavar=meta["metavar"])
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+            kwargs.pop("metavar", None)
+        target.add_argument(*([meta["short"]] if meta["short"] else []), name, **kwargs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark: options from the flags, ``graphprune.bench.<name>.run(options)``, print its table."""
+    import dataclasses
+    import importlib
 
     logging.getLogger("graphprune.bench").setLevel(getattr(logging, args.log_level.upper()))
+    cls = args.options_class
     try:
-        table, code = run_from_args(args)
+        opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        if getattr(args, "replot", None):
+            from .bench.frontier import replot
+
+            result = replot(args.replot, opts.out)
+        else:
+            opts.check()
+            result = importlib.import_module(f".bench.{args.bench}", __package__).run(opts)
     except ValueError as exc:  # a bad option: the reason, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("\n" + table, flush=True)  # the command's output; the library only logs
-    return code
+    print("\n" + result["table"], flush=True)  # the command's output; the library only logs
+    return 1 if result.get("failed") else 0
+
+
+def cmd_bench_variants(args: argparse.Namespace) -> int:
+    from .bench.variants import CATALOGUE
+
+    for key, v in CATALOGUE.items():
+        detail = v.options if v.kind == "graphprune" else {k: x for k, x in (("ratio", v.ratio), ("cache_interval",
+                                                           v.interval), ("inductor", v.inductor)) if x}
+        print(f"{key:24s} {v.label:40s} {v.kind:12s} {detail or ''}")
+    print("\nevery graphprune entry also as NAME-fx (compiler='eager': the rewritten graph without Inductor); "
+          "tomesd<ratio>, DeepCache<N> (+inductor); METHOD:key=value:... for any graphprune options")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
