@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -326,9 +327,11 @@ def _finish_report(result: RewriteResult, config: PruneConfig, sites: list[Atten
 
 def _warn_unpruned(report: GraphReport, n_self: int, n_unmatched: int) -> None:
     reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?", "block")})
-    log.warning("graphprune: nothing pruned in this graph (%d self-attention site(s), %d unmatched)%s",
-                n_self, n_unmatched, ": " + "; ".join(reasons[:3]) if reasons else
-                ": no attention found (is this a diffusion model with self-attention?)")
+    why = ": " + "; ".join(reasons[:3]) if reasons else ": no attention found (is this a diffusion model with " \
+        "self-attention?)"
+    # a warning the user sees (not only a log line): pruning was asked for and this graph runs unpruned
+    warnings.warn(f"graphprune: nothing pruned in this graph ({n_self} self-attention site(s), {n_unmatched} "
+                  f"unmatched){why}; graphprune.inspect(model) lists every site and its reason", stacklevel=2)
 
 
 __all__ = ["prune_graph", "insert_plan", "splice_attention", "splice_kv_attention", "splice_feedforward",
