@@ -16,6 +16,7 @@ from .config import PruneConfig, config_to_dict
 from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, RandomConfig, SiToConfig,
                       ToDoConfig, ToMeConfig, TokenMethod, config_from_dict, method_names, parse_options,
                       register_method, registered_methods)
+from .passes.coverage import check_coverage, graph_break_counts  # issue 16: graph breaks / uncovered attention
 from .pipeline import apply, remove
 from .report import GraphReport, InspectReport, SiteReport
 from .runtime import MatchCacheRuntime, Runtime, StepRuntime, reset, runtimes
@@ -42,13 +43,16 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
     config = dataclasses.replace(parse_options(options), compiler="eager", mode=None)
     graphs: list[GraphReport] = []
     made: list[Any] = []
+    seen: list[Any] = []  # issue 16: every graph as Dynamo handed it, with its example inputs (for coverage)
 
     def backend(gm: Any, ex: Any) -> Any:
+        seen.append((gm, list(ex)))  # issue 16
         fn = graphprune_backend(gm, ex, options=config, reports=graphs, register_runtime=False)
         made.append(fn)
         return fn
 
     compiled = torch.compile(model, backend=backend)
+    breaks_before = graph_break_counts()  # issue 16
     with torch.no_grad():
         compiled(*args, **kwargs)
         infos = []
@@ -57,7 +61,8 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
                 fn.build_variants()  # eager: the shallow graph too, without running it
             if isinstance(fn, Runtime):
                 infos.append(fn.describe())
-    return InspectReport(graphs=graphs, runtimes=infos)
+    coverage = check_coverage(model, seen, breaks_before)  # issue 16
+    return InspectReport(graphs=graphs, runtimes=infos, coverage=coverage)
 
 
 __all__ = ["inspect", "apply", "remove", "reset", "runtimes", "Runtime", "StepRuntime", "MatchCacheRuntime",

@@ -87,6 +87,8 @@ class InspectReport:
     graphs: list[GraphReport]
     #: step-aware runtimes (``StepRuntime.describe()``): schedule, cut, variants, bytes of state held
     runtimes: list[dict[str, Any]] = field(default_factory=list)
+    #: issue 16: graph breaks and attention modules no graph proves (``graphprune.passes.coverage.CoverageReport``)
+    coverage: Any = None
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -109,7 +111,10 @@ class InspectReport:
                 runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
                 lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
                              f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")
+        if self.coverage is not None and not self.coverage.complete:  # issue 16
+            lines.append(str(self.coverage))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"graphs": [g.to_dict() for g in self.graphs], "runtimes": self.runtimes}
+        return {"graphs": [g.to_dict() for g in self.graphs], "runtimes": self.runtimes,
+                "coverage": self.coverage.to_dict() if self.coverage is not None else None}  # issue 16
