@@ -370,11 +370,14 @@ class ADMAttentionBlock(nn.Module):
         weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
         return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
 
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """The block after its norm: (B, C, T) -> (B, C, T)."""
+        return self.proj_out(self.attention(self.qkv(h)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        return (x + self.attend(self.norm(x))).reshape(b, c, *spatial)
 
 
 class ConvSelfAttention2d(nn.Module):
@@ -388,14 +391,18 @@ class ConvSelfAttention2d(nn.Module):
         self.qkv_proj = nn.Conv2d(channels, channels * 3, 1)
         self.out_proj = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The block after its norm: (n, c, h, w) -> (n, c, h, w)."""
         n, c, h, w = x.shape
-        qkv = self.qkv_proj(self.norm_in(x))
+        qkv = self.qkv_proj(x)
         qkv = qkv.view([n, self.heads * 3, c // self.heads, h * w]).transpose(2, 3)
         q, k, v = qkv.chunk(3, dim=1)
         y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(2, 3).contiguous().view([n, c, h, w])
-        return x + self.out_proj(y)
+        return self.out_proj(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(self.norm_in(x))
 
 
 class ConvAttnBlock(nn.Module):
@@ -406,15 +413,18 @@ class ConvAttnBlock(nn.Module):
         self.norm = nn.GroupNorm(8, channels, eps=1e-6)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_ = self.norm(x)
+    def attend(self, h_: torch.Tensor) -> torch.Tensor:
+        """The block after its norm: (b, c, h, w) -> (b, c, h, w)."""
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
         q = q.reshape(b, c, h * w).permute(0, 2, 1)
         w_ = torch.bmm(q, k.reshape(b, c, h * w)) * (int(c) ** (-0.5))
         w_ = F.softmax(w_, dim=2)
         h_ = torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)
-        return x + self.proj_out(h_)
+        return self.proj_out(h_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(self.norm(x))
 
 
 class StyleUNet(nn.Module):

@@ -41,6 +41,9 @@ HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
      "a host-side free-memory query sizes the attention's chunks (ComfyUI's sub_quad / split, AUTOMATIC1111's "
      "sub-quadratic / Doggettx attention): run attention in one call (ComfyUI: --use-pytorch-cross-attention; "
      "AUTOMATIC1111: --opt-sdp-attention)"),
+    (("compiler.disable", "_dynamo.disable", "disable()"),
+     "a function excluded from compilation (torch.compiler.disable / torch._dynamo.disable) runs the attention: "
+     "remove the decorator there, or nothing inside it can be pruned"),
     (("context manager",),
      "a context manager Dynamo cannot trace: enter it outside the compiled model or use a traceable one"),
 )
@@ -56,14 +59,17 @@ class GraphBreak:
     where: str
     count: int
     hint: str
+    #: every frame of the user stack (``name file:line``), innermost last: what the hints search
+    frames: str = ""
 
 
 @dataclass
 class UncoveredModules:
     """Attention modules of one class that no graph proves an attention for.
 
-    status: ``"eager"`` (none of their parameters reached a graph: Dynamo ran them outside any graph) or
-    ``"unproved"`` (their parameters are in a graph, but no proved attention uses them: see the unmatched rows).
+    status: ``"eager"`` (no module of the class has a parameter in any graph: Dynamo ran their code outside every
+    graph) or ``"unproved"`` (the class's code reached a graph, but no proved attention uses these modules'
+    projections: see the unmatched rows; after graph breaks, a graph compiled once may also serve several of them).
     """
 
     cls: str
@@ -99,7 +105,7 @@ class CoverageReport:
         for u in self.uncovered:
             shown = ", ".join(u.paths[:3]) + (f", ... ({len(u.paths)} in all)" if len(u.paths) > 3 else "")
             what = "never reached a graph (ran eagerly)" if u.status == "eager" else \
-                "in a graph, but no proved attention uses their projections"
+                "no proved attention uses their projections"
             lines.append(f"  {u.cls}: {what}: {shown}")
             lines.append(f"    fix: {u.hint}")
         return "\n".join(lines)
@@ -190,8 +196,10 @@ def check_coverage(model: torch.nn.Module, graphs: Sequence[tuple[GraphModule, S
     for gm, example_inputs in graphs:
         cause = getattr(gm, "compile_subgraph_reason", None)
         if cause is not None and getattr(cause, "graph_break", False):
-            head, where = _headline(cause.reason), _frames(getattr(cause, "user_stack", ()) or ())
-            entry = seen.setdefault(head + where, GraphBreak(head, where, 0, _hint(str(cause.reason), where)))
+            stack = list(getattr(cause, "user_stack", ()) or ())
+            head, where = _headline(cause.reason), _frames(stack)
+            frames = " ".join(f"{f.name} {f.filename}:{f.lineno}" for f in stack)
+            entry = seen.setdefault(head + where, GraphBreak(head, where, 0, _hint(str(cause.reason), frames), frames))
             entry.count += 1
         params = _parameter_paths(model, gm, example_inputs)
         in_graph.update(params.values())
@@ -210,23 +218,26 @@ def check_coverage(model: torch.nn.Module, graphs: Sequence[tuple[GraphModule, S
     report.breaks = list(seen.values())
     modules = attention_modules(model)
     report.attention_modules = len(modules)
-    groups: dict[tuple[str, str], list[str]] = {}
+    by_class: dict[str, list[str]] = {}
     for path, cls in modules.items():
-        inside = lambda p: p == path or p.startswith(path + ".")  # noqa: E731
+        inside = lambda p, path=path: p == path or p.startswith(path + ".")  # noqa: E731
         if any(inside(p) for p in proved):
             continue
-        has_params = any(True for _ in model.get_submodule(path).parameters())
-        if not has_params and any(inside(p) for p in candidate_paths):
+        if not any(True for _ in model.get_submodule(path).parameters()) and any(inside(p) for p in candidate_paths):
             continue  # a parameter-free attention module: its attention op is in a graph under its own path
-        status = "unproved" if any(inside(p) for p in in_graph) else "eager"
-        groups.setdefault((cls, status), []).append(path)
-    hint_all = " ".join(f"{b.reason} {b.where}" for b in report.breaks)
-    for (cls, status), paths in groups.items():
-        hint = _hint(hint_all) if report.breaks else (
-            "no softmax or scaled_dot_product_attention was traced for them: attention written another way "
-            "(e.g. a key-chunked streaming softmax, a custom op) is not proved")
-        if status == "unproved" and not report.breaks:
+        by_class.setdefault(cls, []).append(path)
+    for cls, paths in by_class.items():
+        # a frame Dynamo compiled once can serve several modules of one class (their parameters are its inputs
+        # only for the first), so "never in a graph" is decided per class: no module of it reached any graph
+        reached = any(p.startswith(m + ".") for m, c in modules.items() if c == cls for p in in_graph)
+        status = "unproved" if reached else "eager"
+        if report.breaks:
+            hint = _hint(" ".join(b.reason + " " + b.frames for b in report.breaks))
+        elif status == "unproved":
             hint = "see the unmatched rows above for the reason each was not proved"
+        else:
+            hint = ("no softmax or scaled_dot_product_attention was traced for them: attention written another "
+                    "way (e.g. a key-chunked streaming softmax, a custom op) is not proved")
         report.uncovered.append(UncoveredModules(cls, status, paths, hint))
     return report
 
