@@ -229,17 +229,28 @@ ATTENTION_STYLES = {"sdpa": attention_sdpa, "einsum": attention_einsum, "basic":
                     "sub_quad": attention_sub_quad, "split": attention_split_buffer}
 
 
+class CastLinear(nn.Linear):
+    """ComfyUI's ``comfy.ops`` linears: the weight and bias are cast to the input's dtype (and device) per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(dtype=x.dtype, device=x.device) if self.bias is not None else None
+        return F.linear(x, self.weight.to(dtype=x.dtype, device=x.device), bias)
+
+
 class StyleCrossAttention(nn.Module):
     """to_q / to_k / to_v linears without bias, to_out = (Linear, Dropout): the layout every SD codebase shares;
-    ``attention`` names the function that runs the heads (``ATTENTION_STYLES``)."""
+    ``attention`` names the function that runs the heads (``ATTENTION_STYLES``); ``cast_weights``: ComfyUI's linears
+    that cast their weights on the fly."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, attention: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, attention: str = "sdpa",
+                 cast_weights: bool = False):
         super().__init__()
+        linear = CastLinear if cast_weights else nn.Linear
         self.heads, self.attention = heads, ATTENTION_STYLES[attention]
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.to_q = linear(dim, dim, bias=False)
+        self.to_k = linear(context_dim or dim, dim, bias=False)
+        self.to_v = linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(linear(dim, dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -259,14 +270,14 @@ class GEGLUFeedForward(nn.Module):
 
 class StyleTransformerBlock(nn.Module):
     """norm1 -> attn1 (self) -> + x; norm2 -> attn2 (cross) -> + x; norm3 -> ff -> + x. ``inplace``: ComfyUI's
-    ``x += n`` residuals."""
+    ``x += n`` residuals and weights cast on the fly."""
 
     def __init__(self, dim: int, heads: int, context_dim: int, attention: str, inplace: bool = False):
         super().__init__()
         self.inplace = inplace
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn1 = StyleCrossAttention(dim, heads, attention=attention)
-        self.attn2 = StyleCrossAttention(dim, heads, context_dim, attention=attention)
+        self.attn1 = StyleCrossAttention(dim, heads, attention=attention, cast_weights=inplace)
+        self.attn2 = StyleCrossAttention(dim, heads, context_dim, attention=attention, cast_weights=inplace)
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
