@@ -494,3 +494,22 @@ def test_inductor_compiles_a_conv_site():
     torch._dynamo.reset()
     fast = torch.compile(model, backend="graphprune", options={"method": "sito", "ratio": 0.5, "seed": 3})
     torch.testing.assert_close(fast(x, t, ctx), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_backend_name_alone_registers_the_stand_in():
+    """A user who never imports graphprune: choosing the backend by name must be enough for sgm's attention."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch, warnings; warnings.simplefilter('ignore'); import models; "
+            "assert 'graphprune' not in sys.modules; torch.manual_seed(0); "
+            "m = models.StyleUNet(attention='sdp_kernel', layout='einops').eval(); "
+            "fast = torch.compile(m, backend='graphprune', fullgraph=True, "
+            "options={'method': 'tome', 'ratio': 0.5, 'compiler': 'eager'}); "
+            "x, t, c = torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(2, 5, 16); "
+            "print('pruned' if not torch.equal(fast(x, t, c), m(x, t, c)) else 'unchanged')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("pruned")
