@@ -331,6 +331,11 @@ def test_supported_styles_have_complete_coverage():
         report = graphprune.inspect(model, x, t, ctx, options={"method": "tome", "ratio": 0.5})
         assert report.coverage.complete, str(report.coverage)
         assert report.count("pruned", "self") == 2 and "coverage" not in str(report)
+    torch._dynamo.reset()
+    unet = models.unet(models.SD15_TINY)  # diffusers: the Attention modules, not the CrossAttn*Block2D around them
+    args, kwargs = models.unet_inputs(unet, 16)
+    report = graphprune.inspect(unet, *args, options={"method": "tome", "ratio": 0.5}, **kwargs)
+    assert report.coverage.complete and report.coverage.attention_modules == 14
 
 
 # ------------------------------------------------------------------------------------------ sgm's sdp_kernel

@@ -148,13 +148,13 @@ def _frames(user_stack: Sequence[Any]) -> str:
 
 
 def attention_modules(model: torch.nn.Module) -> dict[str, str]:
-    """Module path -> class name of the outermost attention-like modules (class name with Attention / Attn)."""
-    found: dict[str, str] = {}
-    for path, mod in model.named_modules():
-        if path and _ATTENTION_CLASS.search(type(mod).__name__) and \
-                not any(path.startswith(p + ".") for p in found):
-            found[path] = type(mod).__name__
-    return found
+    """Module path -> class name of the attention modules: classes named *Attention* / *Attn*, the innermost that
+    hold parameters (diffusers' ``Attention``, not the ``CrossAttnDownBlock2D`` around it), and of nested ones
+    without parameters the outermost (ADM's ``AttentionBlock``, not its ``QKVAttention``)."""
+    named = {path: mod for path, mod in model.named_modules() if path and _ATTENTION_CLASS.search(type(mod).__name__)}
+    with_params = {p for p, m in named.items() if any(True for _ in m.parameters())}
+    keep = [p for p in named if not any(q.startswith(p + ".") for q in with_params)]
+    return {p: type(named[p]).__name__ for p in keep if not any(p.startswith(q + ".") for q in keep)}
 
 
 def _parameter_paths(model: torch.nn.Module, gm: GraphModule, example_inputs: Sequence[Any]) -> dict[Node, str]:
