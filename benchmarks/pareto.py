@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Speed-quality Pareto sweep: every registered method x ratios, next to unpruned Inductor and tomesd.
 
-    python benchmarks/pareto.py --quick                                  # tiny UNet smoke run (~1-2 min)
+    python benchmarks/pareto.py --quick                                  # tiny UNet smoke run
     python benchmarks/pareto.py --arch sd15 --latent 32 --steps 20 -o results/pareto_sd15_32
     python benchmarks/pareto.py --model /path/to/local/pipeline --prompts prompts.txt -o results/real
 
-The same as ``graphprune bench pareto`` (graphprune/cli.py); the logic lives in graphprune/bench/pareto.py. See benchmarks/README.md.
+The same as ``graphprune bench pareto`` (graphprune/cli.py); the logic lives in graphprune/bench/pareto.py.
+See benchmarks/README.md.
 """
 
 import sys

@@ -1,69 +1,33 @@
 """graphprune: training-free token pruning for diffusion models, as a torch.compile pass.
 
     fast = torch.compile(unet, backend="graphprune", options={"method": "sito", "ratio": 0.5})
-    report = graphprune.inspect(unet, latents, t, text_embeddings, options={"method": "sito"})  # str(): a table
+    fast = graphprune.compile(unet, method="sito", ratio=0.5)          # the same, options checked at once
+    print(graphprune.inspect(fast))                                     # what it compiled so far (after a call)
+    print(graphprune.inspect(unet, latents, t, text_embeddings, options={"method": "sito"}))   # a dry run on meta
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-import torch
-
-from .backend import graphprune_backend, last_report
+from . import standins  # noqa: F401  (Dynamo stand-ins for untraceable attention contexts, registered on import)
+from .backend import compile, graphprune_backend, last_report
 from .calibrate import calibrate
 from .calibration import Calibration, CalibrationError, load_calibration
 from .config import PruneConfig, config_to_dict
 from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, RandomConfig, SiToConfig,
                       ToDoConfig, ToMeConfig, TokenMethod, config_from_dict, method_names, parse_options,
                       register_method, registered_methods)
+from .inspection import inspect
 from .pipeline import apply, remove
 from .policy import FirstBlockPolicy, FixedPolicy, MagCachePolicy, StepPolicy, StepRecord
 from .report import GraphReport, InspectReport, SiteReport
-from .runtime import MatchCacheRuntime, Runtime, StepRuntime, reset, runtimes
+from .runtime import MatchCacheRuntime, PlainGraph, Runtime, StepRuntime, Tracked, reset, runtimes
 from .schedule import Schedule, build_schedule
 
 __version__ = "0.1.0"
 
 
-def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None = None,
-            **kwargs: Any) -> InspectReport:
-    """Trace ``model(*args, **kwargs)`` once and report every attention site and what ``options`` would do to it.
-
-    Runs the rewritten graph eagerly (no Inductor compile), so it is cheap. Returns an :class:`InspectReport`;
-    ``print`` it for a table. For a step-aware method the report also holds the runtime (schedule, cut point,
-    compiled variants: the full and the shallow one are both built) and the bytes of state it holds.
-
-    Without inputs, ``inspect(fast)`` describes the live step-aware runtimes of an already compiled model (variants
-    compiled so far, their calls, the state held now).
-    """
-    if not args and not kwargs and options is None:
-        found = runtimes(model)
-        return InspectReport(graphs=[g for r in found for g in (v.report for v in r.variants.values())],
-                             runtimes=[r.describe() for r in found])
-    config = dataclasses.replace(parse_options(options), compiler="eager", mode=None)
-    graphs: list[GraphReport] = []
-    made: list[Any] = []
-
-    def backend(gm: Any, ex: Any) -> Any:
-        fn = graphprune_backend(gm, ex, options=config, reports=graphs, register_runtime=False)
-        made.append(fn)
-        return fn
-
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-        infos = []
-        for fn in made:
-            if isinstance(fn, StepRuntime):
-                fn.build_variants()  # eager: the shallow graph too, without running it
-            if isinstance(fn, Runtime):
-                infos.append(fn.describe())
-    return InspectReport(graphs=graphs, runtimes=infos)
-
-
-__all__ = ["inspect", "apply", "remove", "reset", "runtimes", "Runtime", "StepRuntime", "MatchCacheRuntime",
+__all__ = ["inspect", "compile", "apply", "remove", "reset", "runtimes", "Tracked", "PlainGraph", "Runtime",
+           "StepRuntime", "MatchCacheRuntime",
            "Schedule", "build_schedule", "graphprune_backend", "last_report", "PruneConfig", "ToMeConfig",
            "SiToConfig", "ToDoConfig", "RandomConfig", "CachingConfig", "DeepCacheConfig", "DaToConfig",
            "CaToMeConfig", "AtEdmConfig", "TokenMethod", "register_method", "parse_options", "config_to_dict",

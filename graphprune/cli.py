@@ -1,6 +1,8 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
+``graphprune generate --arch tiny --method tome --prompt "a red rocket" -o out/`` writes images and timings;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto ...`` runs the speed-quality sweep (:mod:`graphprune.bench.pareto`);
+``graphprune bench pareto|speed|steps|policies|atedm|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
+flags are the fields of its options dataclass, the command prints the table its ``run`` returns);
 ``graphprune calibrate --arch sd15 --latent 64 --steps 50 -o calib.json`` writes a MagCache calibration."""
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import torch
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="sito", help="pruning method (default: sito)")
+    from .methods import DEFAULT_OPTIONS, method_names
+
+    p.add_argument("--method", default=None, choices=method_names(),
+                   help=f"pruning method (default: the default configuration {DEFAULT_OPTIONS}, as options={{}} "
+                        "and graphprune.apply(pipe))")
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of tokens removed (default: the method's, 0.5 for tome/sito, 0.4 for dato)")
     p.add_argument("--scope", default=None, help="self | self+cross | self+cross+ff | block (default: the method's)")
@@ -25,6 +31,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None,
                    help="deepcache/dato: uniform | deepcache-nonuniform | dato-imagenet | dato-coco")
     p.add_argument("--cache-branch", type=int, default=None, help="deepcache/dato: where the UNet is cut (default 0)")
+    p.add_argument("--compiler", default=None, choices=("inductor", "eager", "aot_eager", "tensorrt"),
+                   help="inner compiler of the rewritten graph (default: inductor; eager skips the compile)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method option, VALUE parsed as JSON when it can be (repeatable), e.g. "
                         "--option threshold=0.7 --option refresh=config3 (catome)")
@@ -32,9 +40,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The method options given on the command line (unset ones keep the method's defaults)."""
-    options = {"method": args.method}
-    for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch"):
-        if getattr(args, key) is not None:
+    options = {"method": args.method} if args.method else {}
+    for key in ("scope", "max_downsample", "ratio", "cache_interval", "schedule", "cache_branch", "compiler"):
+        if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     for item in getattr(args, "option", []):
         key, sep, value = item.partition("=")
@@ -47,10 +55,14 @@ def _options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _model_and_inputs(args: argparse.Namespace):
+def _model_and_inputs(args: argparse.Namespace, weights: bool = True):
+    """The model and example inputs of a command; ``weights=False`` builds it on the meta device (inspect)."""
     from .archs import build_model, example_inputs, load_unet
 
-    unet = load_unet(args.model) if args.model else build_model(args.arch)
+    if args.model:
+        unet = load_unet(args.model, weights=weights)
+    else:
+        unet = build_model(args.arch, device=None if weights else "meta")
     call_args, kwargs = example_inputs(unet, latent=args.latent, batch=args.batch, structured=False)
     return unet, call_args, kwargs
 
@@ -58,7 +70,7 @@ def _model_and_inputs(args: argparse.Namespace):
 def cmd_inspect(args: argparse.Namespace) -> int:
     import graphprune
 
-    unet, call_args, kwargs = _model_and_inputs(args)
+    unet, call_args, kwargs = _model_and_inputs(args, weights=False)  # inspect needs no weights
     options = _options(args)
     report = graphprune.inspect(unet, *call_args, options=options, **kwargs)
     if args.json:
@@ -88,6 +100,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         call_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in call_args)
         to_tensorrt(unet, call_args, kwargs, options=options, random=args.random, path=args.output)
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Build or load a pipeline, apply the method, write one PNG per prompt and print a timing line per image."""
+    from .generate import GenerateOptions, generate
+
+    opts = GenerateOptions(arch=None if args.model else args.arch, model=args.model, options=_options(args),
+                           prompts=args.prompt or ["a photo of an astronaut riding a horse"],
+                           negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed, height=args.height,
+                           width=args.width, guidance=args.guidance, out=args.output, compare=args.compare)
+    for result in generate(opts):
+        print(result.line(), flush=True)
     return 0
 
 
@@ -136,29 +161,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="ratio plot (PNG) to write (default: the output path with .png)")
     p.set_defaults(func=cmd_calibrate)
 
-    bench = sub.add_parser("bench", help="benchmarks: speed-quality Pareto sweep")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    p = bench_sub.add_parser("pareto", help="every registered method x ratios: speed vs Inductor, quality of a "
-                             "seeded DDIM loop (or of images with --model); JSON, table, pareto.png",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .bench.pareto import add_arguments
+    p = sub.add_parser("generate", help="generate images end to end with a method applied: PNGs and a timing line each",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=("tiny", "sd15", "sd2", "sdxl"), default="tiny",
+                   help="built-in pipeline (random weights, no text encoder: the prompt seeds its embeddings)")
+    p.add_argument("--model", help="local diffusers pipeline folder (real weights) instead of --arch")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; one image each)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (the same for every image)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--compare", action="store_true",
+                   help="also generate each image unpruned (the UNet under the same inner compiler), alternately, "
+                        "and report the paired speed ratio and the PSNR between the two")
+    p.add_argument("-o", "--output", default="out", help="output folder for the PNGs")
+    _add_method_args(p)
+    p.set_defaults(func=cmd_generate)
 
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench_pareto)
+    _add_bench_commands(sub)
     return parser
 
 
-def cmd_bench_pareto(args: argparse.Namespace) -> int:
-    from .bench.pareto import run_from_args
+# ------------------------------------------------------------------------------------------------------------------
+# graphprune bench <name>: each command's flags are the fields of its options dataclass (graphprune/bench/options.py)
+
+#: name -> (options class in graphprune.bench.options, help)
+BENCHMARKS = {
+    "pareto": ("ParetoOptions", "every registered method x ratios: speed vs Inductor, quality of a seeded DDIM loop "
+               "(or of images with --model); JSON, table, pareto.png"),
+    "speed": ("SpeedOptions", "per-call speed of eager, Inductor, graphprune and tomesd on one UNet, each timed "
+              "call paired with a baseline call; error and Amdahl/FLOP bounds"),
+    "steps": ("StepsOptions", "whole denoising loops: step caching (deepcache, dato, catome) and pruning vs full "
+              "steps, each timed generation paired with a baseline generation"),
+    "policies": ("PoliciesOptions", "step policies' speed-vs-error front: fixed intervals, DaTo presets, first-block "
+                 "and magcache at equal call counts, x Taylor forecast, x DaTo pruning; generations bracketed by "
+                 "full-step ones (front.json, front.md, front.png)"),
+    "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
+    "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
+               "Inductor on CUDA"),
+}
+
+
+def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (graphprune bench NAME --help)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from .bench import options
+
+    for name, (cls_name, text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=text, description=text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_option_fields(p, getattr(options, cls_name))
+        if name == "pareto":
+            p.add_argument("--replot", default=None, metavar="JSON",
+                           help="measure nothing: recompute the front, table and plot of a pareto.json (also a "
+                                "partial one from an interrupted run) into -o")
+        p.add_argument("--log-level", default="INFO", help="logging level of graphprune.bench")
+        p.set_defaults(func=cmd_bench, options_class=getattr(options, cls_name))
+    p = bench_sub.add_parser("variants", help="list the named variants the benchmarks' --variants take")
+    p.set_defaults(func=cmd_bench_variants)
+
+
+def _add_option_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of an options dataclass (help, group, choices from the field's metadata)."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        target = groups.setdefault(meta["group"], p.add_argument_group(meta["group"])) if meta["group"] else p
+        name = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kwargs: dict = {"dest": f.name, "help": meta["help"]}
+        if kind is bool:
+            flag = meta["flag"] or ("--no-" if f.default else "--") + f.name.replace("_", "-")
+            target.add_argument(flag, action="store_false" if f.default else "store_true", **kwargs)
+            continue
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            kwargs.update(type=lambda text, item=item: tuple(item(x.strip()) for x in text.split(",") if x.strip()),
+                          default=",".join(str(x) for x in f.default) if f.default is not None else None,
+                          metavar=meta["metavar"] or f.name.upper().rstrip("S") + ",...")
+        else:
+            kwargs.update(type=kind, default=f.default, metavar=meta["metavar"])
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+            kwargs.pop("metavar", None)
+        target.add_argument(*([meta["short"]] if meta["short"] else []), name, **kwargs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark: options from the flags, ``graphprune.bench.<name>.run(options)``, print its table."""
+    import dataclasses
+    import importlib
 
     logging.getLogger("graphprune.bench").setLevel(getattr(logging, args.log_level.upper()))
+    cls = args.options_class
     try:
-        table, code = run_from_args(args)
+        opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        if getattr(args, "replot", None):
+            from .bench.frontier import replot
+
+            result = replot(args.replot, opts.out)
+        else:
+            opts.check()
+            result = importlib.import_module(f".bench.{args.bench}", __package__).run(opts)
     except ValueError as exc:  # a bad option: the reason, exit code 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("\n" + table, flush=True)  # the command's output; the library only logs
-    return code
+    print("\n" + result["table"], flush=True)  # the command's output; the library only logs
+    return 1 if result.get("failed") else 0
+
+
+def cmd_bench_variants(args: argparse.Namespace) -> int:
+    from .bench.variants import CATALOGUE
+
+    for key, v in CATALOGUE.items():
+        detail = v.options if v.kind == "graphprune" else {k: x for k, x in (("ratio", v.ratio), ("cache_interval",
+                                                           v.interval), ("inductor", v.inductor)) if x}
+        print(f"{key:24s} {v.label:40s} {v.kind:12s} {detail or ''}")
+    print("\nevery graphprune entry also as NAME-fx (compiler='eager': the rewritten graph without Inductor); "
+          "tomesd<ratio>, DeepCache<N> (+inductor); METHOD:key=value:... for any graphprune options")
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -224,6 +356,8 @@ def _split_cfg_loop(fn, template, start, spec):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command in ("export", "generate", "inspect"):  # long work: show its stages (graphprune.progress)
+        logging.getLogger("graphprune.progress").setLevel(logging.INFO)
     torch.set_grad_enabled(False)
     return args.func(args)
 

@@ -80,6 +80,9 @@ class PruneConfig:
 
     Args to tinker with:
         sx, sy: the cell stride on the token grid (one destination/base token per sy x sx cell).
+        max_shapes: when Dynamo hands over a graph with symbolic sizes (after a change of batch or resolution, or
+            ``dynamic=True``), the backend compiles one static, pruned graph per input shape and keeps the
+            ``max_shapes`` most recently used ones (see "Shapes, batches and recompiles" in the README).
     """
 
     method: ClassVar[str] = ""
@@ -90,10 +93,11 @@ class PruneConfig:
     sy: int = 2
     compiler: str = "inductor"
     mode: str | None = None
+    max_shapes: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scope", parse_scope(self.scope))
-        for name in ("sx", "sy", "max_downsample"):
+        for name in ("sx", "sy", "max_downsample", "max_shapes"):
             check_int("", name, getattr(self, name), 1)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")

@@ -25,20 +25,23 @@ class RandomFeed:
     def __init__(self, specs: Sequence[tuple[RandomSpec, torch.device]], seed: int):
         self.specs = list(specs)
         self.seed = seed
-        self.generators: dict[torch.device, torch.Generator] = {}
-        for _, device in self.specs:
-            if device not in self.generators:
-                self.generators[device] = torch.Generator(device=device).manual_seed(seed)
+        self.generators: dict[torch.device, torch.Generator] = {}  # made at the first draw on each device
 
     def reseed(self) -> None:
-        """Restart every generator from the seed (the step-aware runtime does it at each new generation)."""
+        """Restart every generator from the seed (``graphprune.reset`` and every new generation do it)."""
         for g in self.generators.values():
             g.manual_seed(self.seed)
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
     def draw(self) -> list[torch.Tensor]:
+        """One tensor per spec, drawn from the seeded generator of its device (in spec order)."""
         out = []
         for spec, device in self.specs:
-            g = self.generators[device]
+            g = self._generator(device)
             if spec.kind == "normal":
                 out.append(torch.randn(spec.shape, generator=g, device=device))
             else:

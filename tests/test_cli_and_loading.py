@@ -41,7 +41,7 @@ def test_cli_inspect_catome_with_generic_options():
 
 def test_cli_rejects_unknown_method():
     res = run_cli("inspect", "--arch", "tiny", "--latent", "16", "--method", "fancy")
-    assert res.returncode != 0 and "valid methods" in res.stderr
+    assert res.returncode != 0 and "invalid choice" in res.stderr and "tome" in res.stderr and "sito" in res.stderr
 
 
 def test_inspect_on_a_locally_saved_model(tmp_path):
@@ -65,3 +65,28 @@ def test_sd15_architecture_at_small_latent():
     pruned = [s for s in report.sites if s.status == "pruned"]
     assert len(pruned) == 5 and {(s.N, s.K, s.C, s.heads) for s in pruned} == {(256, 128, 320, 8)}
     assert report.count("kept", "self") == 11 and report.count("unmatched") == 0
+
+
+def test_generate_writes_images_and_timing_lines(tmp_path):
+    from graphprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["generate", "--arch", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--compiler",
+                 "eager", "--method", "tome", "--prompt", "a red rocket", "--prompt", "a cat", "--compare",
+                 "-o", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["000_a-red-rocket.png", "001_a-cat.png"]
+    from PIL import Image
+
+    assert Image.open(out / pngs[0]).size == (64, 64)
+
+
+def test_generate_from_a_local_pipeline_folder(tmp_path, capsys):
+    from graphprune.archs import build_pipeline
+    from graphprune.cli import main
+
+    build_pipeline("tiny").save_pretrained(tmp_path / "pipe")
+    assert main(["generate", "--model", str(tmp_path / "pipe"), "--steps", "2", "--height", "64", "--width", "64",
+                 "--option", "compiler=eager", "--method", "sito", "-o", str(tmp_path / "out")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(".png") or "s/it" in line]
+    assert len(lines) == 1 and "s/it" in lines[0] and "includes the compile" in lines[0]

@@ -84,7 +84,7 @@ def test_every_method_runs_and_compiles_once(dit, method):
 @pytest.mark.parametrize("method, options", [("todo", {"factor": 2}), ("todo", {"downsample_method": "avg_pool"}),
                                              ("random", {"ratio": 0.5})])
 def test_matches_the_reference_processor(dit, method, options, monkeypatch):
-    from graphprune.backend import RandomFeed
+    from graphprune.inner import RandomFeed
 
     name, model, (args, kwargs) = dit
     drawn: list = []

@@ -12,7 +12,9 @@ import torch
 import graphprune
 import models
 from graphprune.archs import build_unet, example_inputs
-from graphprune.bench import pareto
+from graphprune.bench import variants
+from graphprune.bench.frontier import pareto_front
+from graphprune.bench.options import ParetoOptions, resolve_methods
 from graphprune.cli import main as cli_main
 from graphprune.bench.ddim import (LoopSpec, ddim_loop, loop_start, loop_timesteps, make_scheduler, model_output,
                                    rel_error, with_sample_and_timestep)
@@ -28,16 +30,16 @@ def test_front_on_a_hand_made_example():
            (0.9, 0.001),  # dominated by the baseline
            (1.2, 0.01),  # equal to a front point: also on
            (math.nan, 0.0)]  # failed: never on
-    assert pareto.pareto_front(pts) == [True, True, False, True, False, False, True, False]
-    assert pareto.pareto_front([]) == []
+    assert pareto_front(pts) == [True, True, False, True, False, False, True, False]
+    assert pareto_front([]) == []
 
 
 def test_methods_come_from_the_registry_and_unknown_ones_error():
-    assert pareto.resolve_methods(None) == graphprune.method_names()
-    assert set(graphprune.registered_methods()) <= set(pareto.resolve_methods(None))  # + config-only (deepcache)
-    assert pareto.resolve_methods(["tome", "sito", "tome"]) == ("tome", "sito")
+    assert resolve_methods(None) == graphprune.method_names()
+    assert set(graphprune.registered_methods()) <= set(resolve_methods(None))  # + config-only (deepcache)
+    assert resolve_methods(["tome", "sito", "tome"]) == ("tome", "sito")
     with pytest.raises(ValueError, match=r"registered methods are \[.*'sito'.*'tome'.*\]") as err:
-        pareto.resolve_methods(["tome", "fancy"])
+        resolve_methods(["tome", "fancy"])
     assert "fancy" in str(err.value)
     res = subprocess.run([sys.executable, "-m", "graphprune.cli", "bench", "pareto", "--methods", "sito,fancy"],
                          capture_output=True, text=True, timeout=300)
@@ -53,7 +55,7 @@ def test_cli_help_lists_bench_pareto():
 
 
 def test_a_ratio_above_a_methods_cap_is_skipped_not_fatal():
-    vs = pareto.variants_for(["tome"], [0.5, 0.9], with_tomesd=True)
+    vs = variants.grid(["tome"], [0.5, 0.9], with_tomesd=True)
     assert [v.label for v in vs] == ["tome r=0.5", "tome r=0.9", "tomesd r=0.5", "tomesd r=0.9"]
     assert vs[0].error is None and "0.75" in vs[1].error
 
@@ -64,9 +66,9 @@ def test_generic_model_builder_is_used_when_present(monkeypatch):
     calls = []
     monkeypatch.setattr(archs, "build_model", lambda arch, dtype, seed: calls.append((arch, seed)) or "model",
                         raising=False)
-    assert pareto.build_model("pixart-tiny", torch.float32, 3) == "model" and calls == [("pixart-tiny", 3)]
-    monkeypatch.undo()  # (build_unet itself may call build_model, so the fallback is not tested by deleting it)
-    assert type(pareto.build_model("tiny", torch.float32, 0)).__name__ == "UNet2DConditionModel"
+    assert variants.build_model("pixart-tiny", torch.float32, 3) == "model" and calls == [("pixart-tiny", 3)]
+    monkeypatch.undo()
+    assert type(variants.build_model("tiny", torch.float32, 0)).__name__ == "UNet2DConditionModel"
 
 
 def test_templates_unet_and_dit_style():
@@ -114,7 +116,7 @@ def _check_schema(result, methods, ratios, tomesd):
         assert 0 < p["quality"]["rel_error"] < 1 and p["quality"]["psnr_db"] > 10
     # the front in the JSON is the front of the stored numbers
     xy = [(1.0, 0.0)] + [(p["speedup"], p["quality"]["rel_error"]) for p in result["points"]]
-    assert [result["baseline_on_front"]] + [p["front"] for p in result["points"]] == pareto.pareto_front(xy)
+    assert [result["baseline_on_front"]] + [p["front"] for p in result["points"]] == pareto_front(xy)
     assert {r["method"] for r in result["at_ratio_0.5"]} == set(methods) | ({"tomesd"} if tomesd else set())
 
 
@@ -239,4 +241,4 @@ def test_model_path_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline(tmp_path)
     with pytest.raises(ValueError, match="--prompts"):
-        pareto.check(pareto.ParetoOptions(model=str(tmp_path)))
+        ParetoOptions(model=str(tmp_path)).check()

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import models
-from graphprune.backend import RandomFeed, graphprune_backend
+from graphprune.backend import graphprune_backend
+from graphprune.inner import RandomFeed
 from graphprune.methods import RandomConfig, ToDoConfig, parse_options
 from graphprune.methods import SiteGeometry
 from graphprune.methods.random import RandomPrune

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from .calls import Template, model_output, rel_error, with_sample_and_timestep
+from .options import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +31,6 @@ log = logging.getLogger(__name__)
 SD_SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                     steps_offset=1, prediction_type="epsilon")
-
-Template = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """The denoising loop: ``steps`` DDIM steps (eta 0), guidance scale, img2img strength, seed of the noise."""
-
-    steps: int = 20
-    guidance: float = 7.5
-    strength: float = 0.7
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
 
 
 @dataclass
@@ -79,43 +65,15 @@ def loop_start(model: torch.nn.Module, latent: int, images: int = 1, seed: int =
     return LoopStart(x0=x0, noise=noise)
 
 
-def with_sample_and_timestep(template: Template, sample: torch.Tensor, t: Any) -> Template:
-    """``template`` with its sample (``args[0]``) and timestep replaced.
-
-    The timestep is ``kwargs["timestep"]`` where present (DiT-style), else ``args[1]`` (UNet-style); the new one
-    keeps the template's shape, dtype and device (a scalar, or one value per batch row).
-    """
-    args, kwargs = template
-    t = int(t)
-
-    def like(old: Any) -> Any:
-        if isinstance(old, torch.Tensor):
-            return torch.full_like(old, t)
-        return t
-
-    if "timestep" in kwargs:
-        return (sample, *args[1:]), {**kwargs, "timestep": like(kwargs["timestep"])}
-    if len(args) < 2:
-        raise ValueError("the model-call template has no timestep: expected args[1] or kwargs['timestep']")
-    return (sample, like(args[1]), *args[2:]), kwargs
-
-
-def model_output(result: Any, channels: int) -> torch.Tensor:
-    """The noise prediction (B, channels, H, W) of a diffusers model output (``.sample``, a tuple, or a tensor).
-
-    Models that also predict the variance (PixArt, DiT: ``out_channels = 2 * in_channels``) keep the first half.
-    """
-    out = result.sample if hasattr(result, "sample") else result[0] if isinstance(result, (tuple, list)) else result
-    return out[:, :channels] if out.shape[1] == 2 * channels else out
-
-
 def ddim_loop(fn: Callable[..., Any], template: Template, start: LoopStart, spec: LoopSpec,
-              scheduler_config: dict[str, Any] | None = None, progress: str | None = None) -> torch.Tensor:
+              scheduler_config: dict[str, Any] | None = None, progress: str | None = None,
+              on_call: Callable[[int, float], None] | None = None) -> torch.Tensor:
     """Run the seeded CFG DDIM loop for every photo in ``start``; returns the final latents (images, C, H, W), fp32.
 
     ``fn``: the model (or a compiled/patched version of it), called as ``fn(*args, **kwargs)`` with the
     ``template``'s conditioning (batch 2: row 0 unconditional, row 1 conditional) and the current latent repeated
     twice. Guidance: ``eps = eps_u + g * (eps_c - eps_u)``. Same ``start`` and ``spec`` -> same noise, same steps.
+    ``on_call(i, seconds)``: the wall time of the i-th model call of each loop (device synchronized around it).
     """
     from tqdm import tqdm
 
@@ -127,9 +85,17 @@ def ddim_loop(fn: Callable[..., Any], template: Template, start: LoopStart, spec
         scheduler = make_scheduler(scheduler_config)
         timesteps = loop_timesteps(scheduler, spec)
         x = scheduler.add_noise(start.x0[i:i + 1], start.noise[i:i + 1], timesteps[:1]).to(device, dtype)
-        for t in tqdm(timesteps, desc=progress or "ddim", leave=False, unit="step", disable=progress is None):
+        for step, t in enumerate(tqdm(timesteps, desc=progress or "ddim", leave=False, unit="step",
+                                      disable=progress is None)):
             call_args, call_kwargs = with_sample_and_timestep(template, torch.cat([x, x]), t)
-            eps = model_output(fn(*call_args, **call_kwargs), channels)
+            if on_call is None:
+                eps = model_output(fn(*call_args, **call_kwargs), channels)
+            else:
+                _sync(device)
+                t0 = time.perf_counter()
+                eps = model_output(fn(*call_args, **call_kwargs), channels)
+                _sync(device)
+                on_call(step, time.perf_counter() - t0)
             eps_u, eps_c = eps[0:1], eps[1:2]
             eps = eps_u + spec.guidance * (eps_c - eps_u)
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
@@ -137,10 +103,9 @@ def ddim_loop(fn: Callable[..., Any], template: Template, start: LoopStart, spec
     return torch.cat(finals)
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` (Frobenius), in float64."""
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm())
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -149,3 +114,7 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     mse = float(((out - ref) ** 2).mean())
     peak = float(ref.max() - ref.min())
     return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+__all__ = ["LoopSpec", "LoopStart", "SD_SCHEDULER", "make_scheduler", "loop_timesteps", "loop_start", "ddim_loop",
+           "with_sample_and_timestep", "model_output", "rel_error", "psnr"]

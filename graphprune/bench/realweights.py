@@ -3,7 +3,7 @@
     graphprune bench pareto --model /path/to/local/pipeline --prompts prompts.txt -o results/real
     graphprune bench pareto --model PATH --prompt-embeds embeds.pt --inception pt_inception-2015-12-05.pth -o r/
 
-Entry point: :func:`run_model` (called by :func:`graphprune.bench.pareto.run` when ``--model`` is given).
+Entry point: :func:`run_model` (called by :func:`graphprune.bench.pareto.run` when ``opts.model`` is given).
 
 The pipeline is loaded with ``local_files_only=True`` (no hub access). For each variant (every method x ratio,
 tomesd at each ratio) the pipeline's UNet is swapped for the pruned one and every prompt is generated with the
@@ -11,7 +11,7 @@ same seed (``seed + prompt index``) as the unpruned run. Per image: PSNR and SSI
 (``skimage.metrics``, RGB in [0, 1]). With ``--inception PATH`` (and/or ``--clip PATH``), the Frechet distance
 between the pruned and the unpruned image sets through torch-fidelity (Inception = FID, CLIP ViT-B/32 features =
 FD-CLIP); it needs many images to mean anything, and torch-fidelity itself needs torchvision. Speed: the
-pipeline's UNet timed at the generation shape with the harness's protocol (``--no-speed`` to skip).
+pipeline's UNet timed at the generation shape by the paired timer against the unpruned UNet (``--no-speed`` to skip).
 """
 
 from __future__ import annotations
@@ -25,22 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .pareto import (TOMESD, ParetoOptions, Variant, attach_bounds, finish, graphprune_callable, header_facts,
-                     format_header, reset, resolve_methods, time_baselines, time_model, tomesd_model, variants_for,
-                     write_json)
+from .env import format_header
+from .flops import bounds_of, flop_analysis
+from .frontier import finish, save
+from .options import ParetoOptions, resolve_methods
+from .sweep import sweep_header, time_point, unpruned_timer
+from .timing import reset
+from .variants import TOMESD, grid
 
 log = logging.getLogger(__name__)
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """A diffusers pipeline from a local folder (``model_index.json``); never touches the hub."""
-    from diffusers import DiffusionPipeline
+    """A UNet pipeline from a local folder (:func:`graphprune.archs.load_pipeline`), progress bars off."""
+    from ..archs import load_pipeline as load_local
 
-    path = Path(path)
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"{path} has no model_index.json: --model needs a local diffusers pipeline folder "
-                                "(saved with pipeline.save_pretrained)")
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    pipe = load_local(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     if not hasattr(pipe, "unet"):
         raise ValueError(f"{type(pipe).__name__} has no .unet; --model supports UNet pipelines (SD1.x/2.x/XL)")
@@ -151,7 +151,7 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
     unet = pipe.unet
     prompts = read_prompts(opts)
     template = example_inputs(unet, latent=opts.latent, batch=2, seed=opts.seed, structured=True)
-    header = header_facts(opts, unet, template, device, dtype, methods)
+    header = sweep_header(opts, unet, template, device, dtype, methods)
     header["pipeline"] = type(pipe).__name__
     header["loop"] = (f"{type(pipe).__name__}: {len(prompts)} prompt(s), {opts.steps} steps "
                       f"({type(pipe.scheduler).__name__}), CFG {opts.guidance}, seeds {opts.seed}..")
@@ -161,19 +161,18 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
 
     ref_images = generate(pipe, prompts, opts, "unpruned")
     ref_dir = save_images(ref_images, out_dir / "images" / "unpruned")
-    variants = variants_for(methods, opts.ratios, opts.tomesd)
+    variants = grid(methods, opts.ratios, opts.tomesd)
+    timer = None
     if opts.speed:
         if opts.flops:
-            from .common import flop_analysis
-
             configs = {v.label: v.options for v in variants if v.options is not None and v.error is None}
             try:
                 result["flops"] = flop_analysis(unet, template, configs)
             except Exception:  # noqa: BLE001
                 result["flops"] = {"error": traceback.format_exc()}
             reset()
-        base = time_baselines(unet, template, opts, result)
-        result["baseline"].pop("_fn")  # not paired here: the pipeline runs between timings, Dynamo is reset
+        timer, rows = unpruned_timer(unet, template, opts, device)
+        result["baseline"].update(rows)
 
     fid_note = None
     for v in tqdm(variants, desc="variants", unit="variant"):
@@ -183,10 +182,8 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
             result["points"].append(point)
             continue
         try:
-            reset()
-            variant_unet = (tomesd_model(unet, v.ratio) if v.method == TOMESD
-                            else graphprune_callable(unet, v.options, opts.quality_compiler))
-            pipe.unet = variant_unet
+            built = v.build(unet, compiler=opts.quality_compiler)
+            pipe.unet = built.fn
             try:
                 images = generate(pipe, prompts, opts, v.label)
             finally:
@@ -196,26 +193,23 @@ def run_model(opts: ParetoOptions) -> dict[str, Any]:
             point["quality"]["images"] = str(folder)
             point["quality"].update(fidelity(folder, ref_dir, opts))
             fid_note = point["quality"].get("skipped", fid_note)
-            if opts.speed:
-                reset()
-                fn = variant_unet if v.method == TOMESD else graphprune_callable(unet, v.options, opts.speed_compiler)
-                point["speed"] = time_model(fn, template, opts, v.label)
-                point["speedup"] = base / point["speed"]["median_s"]
+            if timer is not None:
+                point.update(time_point(v, unet, template, timer, opts, built=built if v.method == TOMESD else None))
             log.info("%s: PSNR %.2f dB, SSIM %.4f", v.label, point["quality"]["psnr_mean"],
                      point["quality"]["ssim_mean"])
         except Exception:  # noqa: BLE001
             point["error"] = traceback.format_exc()
             log.error("%s failed:\n%s", v.label, point["error"])
-        finally:
-            reset()
-        attach_bounds(point, result.get("flops"))
+        bounds = bounds_of(result.get("flops"), v.label if v.method != TOMESD else f"tome r={v.ratio:g}")
+        if bounds:
+            point["bounds"] = bounds
         result["points"].append(point)
-        write_json(result, opts)
+        save(result, out_dir)
     result["fidelity_note"] = fid_note or "FID/CLIP computed with torch-fidelity (pruned vs unpruned image sets)"
-    finish(result, opts)
+    finish(result, out_dir)
     if fid_note:
         log.warning("%s", fid_note)
     return result
 
 
-__all__ = ["run_model", "load_pipeline", "read_prompts", "image_metrics", "fidelity", "Variant"]
+__all__ = ["run_model", "load_pipeline", "read_prompts", "image_metrics", "fidelity"]

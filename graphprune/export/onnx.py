@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 
 from ..config import PruneConfig
+from ..progress import stage
 from .program import RANDOM_KWARG, export_info, export_program
 from .trt_ops import FORBIDDEN_OPS, SUPPORTED_OPS, TENSORRT_VERSION, TOPK_MAX_K
 
@@ -109,7 +110,7 @@ def to_onnx(model: torch.nn.Module | ExportedProgram, args: tuple[Any, ...], pat
         call_kwargs[RANDOM_KWARG] = random_feed(ep).examples()
     names = input_names(arg_names, args, kwargs, n_random) if arg_names is not None else None
     n_out = len(ep.graph_signature.user_outputs)
-    with torch.no_grad():
+    with torch.no_grad(), stage("ONNX export"):
         onnx_program = torch.onnx.export(ep, tuple(args), kwargs=call_kwargs, dynamo=True, input_names=names,
                                          output_names=["out_sample"] if n_out == 1 else None,
                                          opset_version=opset_version, optimize=optimize)
@@ -119,7 +120,8 @@ def to_onnx(model: torch.nn.Module | ExportedProgram, args: tuple[Any, ...], pat
     log.info("graphprune: wrote %s (%d TopK set to sorted=1)%s", path, n_topk,
              f"; {info.report.summary()}" if info is not None else "")
     if check:
-        result = check_onnx(path)
+        with stage("ONNX checks (onnx.checker, TensorRT parser table)"):
+            result = check_onnx(path)
         if not result.ok:
             raise RuntimeError(f"{path} fails the deployment checks:\n{result}")
     return path

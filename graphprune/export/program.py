@@ -41,6 +41,7 @@ from ..config import PruneConfig
 from ..inner import RandomFeed
 from ..methods import RandomSpec, method_for, parse_options
 from ..passes.rewrite import prune_graph
+from ..progress import stage
 from ..report import GraphReport
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
                                   f"sito, ...){hint}")
     kwargs = dict(kwargs or {})
     with torch.no_grad():
-        ep0 = torch.export.export(model, tuple(args), kwargs, strict=strict)
+        with stage("torch.export of the model"):
+            ep0 = torch.export.export(model, tuple(args), kwargs, strict=strict)
         gm = ep0.graph_module
         result = prune_graph(gm, cfg, method)
         n_random = len(result.random_inputs)
@@ -187,7 +189,8 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         export_kwargs = dict(kwargs)
         if random == "inputs" and n_random:
             export_kwargs[RANDOM_KWARG] = list(RandomFeed(result.random_inputs, 0).examples())
-        ep = torch.export.export(wrapper, tuple(args), export_kwargs, strict=strict)
+        with stage("torch.export of the rewritten program"):
+            ep = torch.export.export(wrapper, tuple(args), export_kwargs, strict=strict)
     ep.graph_module.meta["graphprune"] = ExportInfo(cfg, result.report, list(result.random_inputs), random,
                                                     _arg_names(model))
     log.info("graphprune export: %s, %d random input(s) (%s)", result.report.summary(), n_random, random)

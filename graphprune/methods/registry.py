@@ -27,8 +27,11 @@ from .tome import ToMe
 #: The built-in methods, in the order they are listed to users.
 BUILTIN: tuple[type[TokenMethod], ...] = (ToMe, SiTo, ToDo, RandomPrune, DeepCache, DaTo, CaToMe, AtEdm)
 
-#: The method ``options`` without a ``"method"`` key select (also ``graphprune.apply`` and the CLI's default).
-DEFAULT_METHOD = "tome"
+#: What ``options`` without a ``"method"`` key mean, everywhere: ``torch.compile(unet, backend="graphprune")``,
+#: ``graphprune.apply(pipe)``, ``graphprune.compile(unet)`` and the CLI without ``--method``. Options given with it
+#: override these fields (``options={"ratio": 0.3}`` is the default configuration at ratio 0.3).
+DEFAULT_OPTIONS: dict[str, Any] = {"method": "tome"}
+DEFAULT_METHOD: str = DEFAULT_OPTIONS["method"]
 
 _BY_NAME: dict[str, TokenMethod] = {}
 _BY_CONFIG: dict[type[PruneConfig], TokenMethod] = {}
@@ -82,7 +85,8 @@ def method_for(config: PruneConfig) -> TokenMethod:
 
 
 def parse_options(options: Mapping[str, Any] | PruneConfig | None) -> PruneConfig:
-    """``torch.compile(..., options=...)`` -> a validated config of the method it names (default ``"tome"``).
+    """``torch.compile(..., options=...)`` -> a validated config of the method it names (no method: the default
+    configuration, :data:`DEFAULT_OPTIONS`).
 
     >>> parse_options({"method": "sito", "ratio": 0.5}).ratio
     0.5
@@ -93,7 +97,9 @@ def parse_options(options: Mapping[str, Any] | PruneConfig | None) -> PruneConfi
         raise ValueError(f"options must be a dict such as {{'method': 'tome', 'ratio': 0.5}} or a config object "
                          f"(graphprune.ToMeConfig(...)), got {type(options).__name__} {options!r}")
     options = dict(options or {})
-    name = options.pop("method", DEFAULT_METHOD)
+    if "method" not in options:
+        options = {**DEFAULT_OPTIONS, **options}
+    name = options.pop("method")
     config = build_config(config_class(name), options)
     for key, nested in getattr(config, "nested_options", dict)().items():  # e.g. deepcache's prune={...}
         inner = parse_options(nested)
@@ -111,5 +117,5 @@ def config_from_dict(blob: Mapping[str, Any] | str) -> PruneConfig:
     return parse_options(options_of_dict(blob))
 
 
-__all__ = ["BUILTIN", "DEFAULT_METHOD", "register_method", "method_names", "registered_methods", "config_class",
+__all__ = ["BUILTIN", "DEFAULT_OPTIONS", "DEFAULT_METHOD", "register_method", "method_names", "registered_methods", "config_class",
            "method_for", "parse_options", "config_from_dict"]

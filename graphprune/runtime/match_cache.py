@@ -36,6 +36,7 @@ from ..methods.refresh import RefreshSchedule, build_refresh
 from ..passes.cut import copy_graph_module
 from ..passes.ops import node_val
 from ..passes.rewrite import prune_graph
+from ..progress import stage
 from ..report import GraphReport
 from .base import Runtime
 
@@ -72,11 +73,13 @@ class MatchCacheRuntime(Runtime):
     name = "match-cache"
 
     def __init__(self, gm: GraphModule, example_inputs: list[Any], config: PruneConfig, method: TokenMethod,
-                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
-        super().__init__(gm, example_inputs, config, method, reports, all_reports, register)
+                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True,
+                 shape: str | None = None):
+        super().__init__(gm, example_inputs, config, method, reports, all_reports, register, shape)
         self.refresh: RefreshSchedule = build_refresh(config.refresh)
         self.variants: dict[tuple[str, Buckets], MatchVariant] = {}
-        self.generator = torch.Generator(device=self.device)
+        # inspect builds runtimes on the meta device, which has no generator (and never draws)
+        self.generator = torch.Generator(device=self.device if self.device.type != "meta" else "cpu")
         self.state_specs: list[tuple[StateSpec, ...]] = []
         self.random_specs: list = []
         # sites and their geometry, from the refresh graph with buckets 0 (compiled now: errors surface here)
@@ -108,6 +111,10 @@ class MatchCacheRuntime(Runtime):
         cfg = self.config
         if cfg.fixed_ratio is not None:
             return tuple(self.method.fixed_bucket(cfg, g) for _, g in gm_sites)
+        if self.device.type == "meta":  # inspect traces on the meta device: there is no data to calibrate on
+            log.info("graphprune[%s]: exact=False calibrates its counts on the first real call; reported with "
+                     "buckets 0", cfg.method)
+            return tuple(0 for _ in gm_sites)
         exact_cfg = dataclasses.replace(cfg, exact=True, compiler="eager", mode=None)
         gm = copy_graph_module(self.base)
         result = prune_graph(gm, exact_cfg, self.method, state_mode="produce", warn_unpruned=False)
@@ -133,18 +140,19 @@ class MatchCacheRuntime(Runtime):
             site_buckets = dict(zip((p for p, _ in sites), buckets))
         result = prune_graph(gm, self.config, self.method, state_mode=mode, site_buckets=site_buckets,
                              warn_unpruned=buckets is None)
-        self.record(result.report)
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         extra = placeholders[self.n_user:]
         if buckets is None:
             buckets = tuple(0 for _ in result.state_sites)
+        self.record(result.report, f"{kind} buckets={list(buckets)}")
         if result.random_inputs:
             self.random_specs = result.random_inputs
         self.state_specs = [specs for _, specs in result.state_sites]
         ex = list(examples) if examples is not None else None
         if ex is None:
             raise RuntimeError("internal: a variant needs example inputs to compile")
-        fn = compile_inner(gm, ex + [self._example(name, gm) for name in extra], self.config)
+        with stage(f"compile the {kind} variant ({self.config.compiler}) for {self.shape}"):
+            fn = compile_inner(gm, ex + [self._example(name, gm) for name in extra], self.config)
         return MatchVariant(kind=kind, buckets=tuple(buckets), gm=gm, fn=fn, extra=extra, report=result.report)
 
     @staticmethod

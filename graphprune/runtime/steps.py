@@ -52,6 +52,7 @@ from ..passes.match import find_attention_sites
 from ..passes.ops import node_val
 from ..passes.rewrite import prune_graph
 from ..policy import FixedPolicy, StepPolicy, StepRecord, build_policy, check_policy_options, format_records
+from ..progress import stage
 from ..report import GraphReport
 from .base import Runtime
 
@@ -112,8 +113,9 @@ class StepRuntime(Runtime):
     name = "steps"
 
     def __init__(self, gm: GraphModule, example_inputs: list[Any], config: PruneConfig, method: TokenMethod,
-                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True):
-        super().__init__(gm, example_inputs, config, method, reports, all_reports, register)
+                 reports: list[GraphReport] | None = None, all_reports: Any = None, register: bool = True,
+                 shape: str | None = None):
+        super().__init__(gm, example_inputs, config, method, reports, all_reports, register, shape)
         #: feature caching (full/shallow/reuse over a graph cut) or phases only (AT-EDM's DSAP: "early"/"late",
         #: each a differently pruned copy of the whole graph; no cut, no cached tensor)
         self.caches = config.caches
@@ -214,7 +216,7 @@ class StepRuntime(Runtime):
                 not self.variants[("probe", self.config.ratio)].report.pruned and \
                 self.token_method.unchanged_reason(config) is None:
             log.warning("graphprune[%s]: nothing pruned in the probe or the full remainder", config.method)
-        self.record(result.report)
+        self.record(result.report, kind)
         return gm, result.report, result.random_inputs, running_modules(gm)
 
     def _variant(self, kind: str, args: Iterable[Any]) -> Variant:
@@ -230,7 +232,8 @@ class StepRuntime(Runtime):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         inputs = [n.target for n in placeholders[self.n_user:]]
         examples = list(args) + [self._example(n) for n in placeholders[self.n_user:]]
-        fn = compile_inner(gm, examples, self.config)
+        with stage(f"compile the {kind} variant ({self.config.compiler}) for {self.shape}"):
+            fn = compile_inner(gm, examples, self.config)
         variant = Variant(kind=kind, gm=gm, fn=fn, feed=feed, report=report, modules=modules, inputs=inputs)
         self.variants[key] = variant
         log.info("graphprune[%s]: compiled the %s variant (%d of the graph's modules run)", self.config.method, kind,

@@ -1,0 +1,350 @@
+"""The benchmark package (graphprune.bench): the one paired timer, the variant catalogue, the options behind every
+``graphprune bench`` command, and a tiny CPU smoke run of each benchmark (speed, steps, atedm, export; pareto's is in
+test_pareto.py). No timing claim is tested: the timer's arithmetic runs on a fake clock."""
+
+import dataclasses
+import json
+import runpy
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphprune.bench import options, timing, variants
+from graphprune.bench.options import AtedmOptions, ExportOptions, ParetoOptions, Protocol, SpeedOptions, StepsOptions
+from graphprune.cli import build_parser
+from graphprune.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the paired timer, on a fake clock: each call returns its own duration and the timer reads it back
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    monkeypatch.setattr(timing, "_timed", lambda call, i, device: call(i))
+
+
+def _recorder(log, tag, durations):
+    def call(i):
+        log.append((tag, i))
+        return durations(i) if callable(durations) else durations
+    return call
+
+
+def test_every_timed_call_is_paired_with_a_baseline_call_in_alternating_order(fake_clock):
+    log = []
+    protocol = Protocol(runs=4, warmup=1, retries=0)
+    timer = timing.PairedTimer(protocol, _recorder(log, "b", 2.0))
+    # the baseline alone: its first call, warm-up, timed calls
+    assert log == [("b", 0), ("b", 1), ("b", 2), ("b", 3), ("b", 4), ("b", 5)]
+    assert timer.baseline["speedup"] == 1.0 and timer.median_s == 2.0
+    log.clear()
+    variant_times = {2: 1.0, 3: 2.0, 4: 4.0, 5: 1.0}
+    res = timer.time(_recorder(log, "v", lambda i: variant_times.get(i, 9.0)), "v")
+    assert log == [("v", 0), ("v", 1),  # first call and warm-up: not paired
+                   ("b", 2), ("v", 2), ("v", 3), ("b", 3), ("b", 4), ("v", 4), ("v", 5), ("b", 5)]
+    assert res["times_s"] == [1.0, 2.0, 4.0, 1.0] and res["baseline_times_s"] == [2.0] * 4
+    assert res["pair_ratios"] == [2.0, 1.0, 0.5, 2.0]
+    # the median of the per-pair ratios (1.5), not the ratio of medians (2 / 1.5)
+    assert res["speedup"] == res["speedup_paired"] == 1.5 and res["paired"]
+    assert res["compile_s"] == 9.0 and res["warmup_s"] == [9.0]
+
+
+def test_unpaired_mode_divides_medians(fake_clock):
+    log = []
+    timer = timing.PairedTimer(Protocol(runs=3, warmup=0, retries=0), _recorder(log, "b", 3.0), paired=False)
+    log.clear()
+    res = timer.time(_recorder(log, "v", 2.0), "v")
+    assert all(tag == "v" for tag, _ in log) and "baseline_times_s" not in res
+    assert res["speedup"] == 1.5 and not res["paired"]
+
+
+def test_contended_sets_are_timed_again_and_the_least_contended_is_kept(fake_clock, monkeypatch):
+    shares = iter([1.5, 0.1])
+    monkeypatch.setattr(timing, "other_cpu_share", lambda *a: next(shares))
+    log = []
+    res = timing.time_calls(_recorder(log, "v", lambda i: float(i)), Protocol(runs=2, warmup=1, retries=2,
+                                                                             retry_wait=0.0),
+                            baseline=_recorder(log, "b", 1.0))
+    assert [a["other_cpu_cores"] for a in res["attempts"]] == [1.5, 0.1] and res["timed_attempt_used"] == 2
+    assert res["times_s"] == [4.0, 5.0]  # the second attempt's calls 4 and 5: every call index is new
+    assert all("loadavg" in a for a in res["attempts"])
+    # every attempt contended: the least contended one is reported
+    shares = iter([0.9, 0.5, 0.7])
+    monkeypatch.setattr(timing, "other_cpu_share", lambda *a: next(shares))
+    res = timing.time_calls(_recorder([], "v", 1.0), Protocol(runs=1, warmup=0, retries=2, retry_wait=0.0))
+    assert res["timed_attempt_used"] == 2 and res["other_cpu_cores"] == 0.5
+
+
+def test_the_timer_sees_recompiles():
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    shapes = [1, 2, 3, 4, 5, 6]  # a new input shape on every call: recompiles during warm-up and timed calls
+    torch._dynamo.reset()
+    res = timing.time_calls(lambda i: compiled(torch.randn(shapes[i], 4)), Protocol(runs=2, warmup=1, retries=0))
+    assert res["graphs"] >= 1 and not res["no_recompiles_timed"]
+    torch._dynamo.reset()
+
+
+def test_a_baseline_that_recompiles_during_the_pairs_is_reported(caplog):
+    base = torch.compile(torch.nn.Linear(4, 4), backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    res = timing.time_calls(lambda i: None, Protocol(runs=3, warmup=0, retries=0),
+                            baseline=lambda i: base(torch.randn(i + 1, 4)))  # a new shape per call
+    assert res["baseline_recompiles"]["unique_graphs"] == 3 and "the baseline recompiled" in caplog.text
+    torch._dynamo.reset()
+
+
+def test_a_peer_compiled_by_dynamo_neither_degrades_the_baseline_nor_the_variants_after_it():
+    """tomesd's patched copy under torch.compile breaks the graph inside the UNet's loops, and Dynamo then runs the
+    UNet's forward uncompiled for every instance: the baseline compiles its own function (untouched), and the
+    timer's reset() lets a graphprune variant timed after the peer see the whole graph again."""
+    from graphprune.archs import build_model, example_inputs
+    from graphprune.backend import REPORTS
+    from graphprune.bench.calls import timestep_calls
+
+    model = build_model("tiny")
+    template = example_inputs(model, latent=16, batch=2)
+    torch._dynamo.reset()
+    protocol = Protocol(runs=2, warmup=1, retries=0)
+    n = protocol.calls()
+    timer = timing.PairedTimer(protocol, timestep_calls(variants.variant("dynamo-eager").build(model).fn, template, n))
+    peer = variants.variant("tomesd").build(model).patched
+    res = timer.time(timestep_calls(torch.compile(peer, backend="eager"), template, n), "tomesd + dynamo")
+    assert res["graph_breaks"] > 0
+    assert res["baseline_recompiles"] == {"unique_graphs": 0, "frames_ok": 0, "graph_breaks": 0}
+    assert variants.variant("tomesd+inductor").poisons_dynamo and not variants.variant("tomesd").poisons_dynamo
+    timer.reset()
+    assert len(timer.baseline["rewarm_s"]) == 1
+    mark = len(REPORTS)
+    res = timer.time(timestep_calls(variants.variant("tome0.5-fx").build(model).fn, template, n), "tome")
+    assert res["graphs"] == 1 and res["graph_breaks"] == 0
+    assert sum(r.count("pruned", "self") for r in list(REPORTS)[mark:]) > 0
+    assert res["baseline_recompiles"] == {"unique_graphs": 0, "frames_ok": 0, "graph_breaks": 0}
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# variants and options
+
+def test_catalogue_names_fx_forms_peers_and_specs():
+    v = variants.variant("sito0.5")
+    assert v.kind == "graphprune" and v.options == {"method": "sito", "ratio": 0.5} and not v.stateful
+    fx = variants.variant("sito0.5-fx")
+    assert fx.options["compiler"] == "eager" and fx.label.endswith("(fx)")
+    assert "compiler" not in variants.CATALOGUE["sito0.5"].options  # the catalogue itself is never changed
+    assert variants.variant("deepcache3").stateful and variants.variant("DeepCache3").stateful
+    t = variants.variant("tomesd0.7+inductor")
+    assert (t.kind, t.ratio, t.inductor) == ("tomesd", 0.7, True)
+    assert (variants.variant("DeepCache5").interval, variants.variant("DeepCache5").kind) == (5, "deepcache")
+    spec = variants.variant("todo:factor=3:downsample_method=avg_pool")
+    assert spec.options == {"method": "todo", "factor": 3, "downsample_method": "avg_pool"}
+    with pytest.raises(ValueError, match="choose from .*sito0.5"):
+        variants.variant("fancy0.5")
+    with pytest.raises(ValueError, match="registered methods"):
+        variants.variant("fancy:ratio=0.5")
+    with pytest.raises(ValueError):
+        variants.variant("sito:ratio=2")
+    assert [v.key for v in variants.variants(["eager", "sito0.5", "eager"])] == ["eager", "sito0.5"]
+    # every catalogue name resolves (the README's commands use them)
+    for name in variants.catalogue_names():
+        assert variants.variant(name).key == name
+
+
+def test_variants_build_their_callables():
+    model = torch.nn.Linear(3, 3)
+    assert variants.variant("eager").build(model).fn is model
+    x = torch.randn(2, 3)
+    assert torch.equal(variants.variant("dynamo-eager").build(model).fn(x), model(x))  # a compiled function
+    assert callable(variants.variant("inductor").build(model).fn)
+    with pytest.raises(ValueError, match="scheduler"):
+        variants.variant("DeepCache3").build(model)
+    bad = variants.grid(["tome"], [0.9], with_tomesd=False)[0]
+    with pytest.raises(ValueError, match="cannot run"):
+        bad.build(model)
+
+
+def test_options_quick_presets_are_idempotent_and_checked():
+    for cls in (ParetoOptions, SpeedOptions, StepsOptions, AtedmOptions, ExportOptions):
+        quick = cls(quick=True)
+        assert dataclasses.replace(quick) == quick, cls.__name__
+        quick.check()
+    assert ParetoOptions(quick=True).ratios == (0.3, 0.5) and ParetoOptions(quick=True, ratios=(0.6,)).ratios == (0.6,)
+    with pytest.raises(ValueError, match="--warmup >= 2"):
+        SpeedOptions(warmup=1).check()
+    with pytest.raises(ValueError, match="50 steps"):
+        StepsOptions(steps=20, variants=("dato-coco",)).check()
+    with pytest.raises(ValueError, match="unknown --arch"):
+        ExportOptions(arch="sd99").check()
+    with pytest.raises(ValueError, match="choose from"):
+        AtedmOptions(methods=("atedm", "fancy")).check()
+    assert options.baseline_of(None, ["eager", "sito0.5"]) == "eager"
+    assert options.baseline_of(None, ["eager", "inductor"]) == "inductor"
+    assert options.baseline_of("eager", ["inductor"]) == "eager"
+
+
+#: the flags each benchmark script documented before the package took them over (README, benchmarks/README.md)
+DOCUMENTED_FLAGS = {
+    "pareto": ["--arch", "--model", "--methods", "--ratios", "--no-tomesd", "--tomesd-inductor", "--latent",
+               "--steps", "--guidance", "--strength", "--images", "--seed", "--quality-compiler", "--runs", "--warmup",
+               "--retries", "--retry-wait", "--contention", "--speed-compiler", "--no-interleave", "--no-flops",
+               "--keep-inductor-cache", "--threads", "--prompts", "--prompt-embeds", "--inception", "--clip",
+               "--no-speed", "-o", "--out", "--quick", "--replot", "--log-level"],
+    "speed": ["--arch", "--latents", "--batch", "--runs", "--warmup", "--variants", "--error-timestep", "--seed",
+              "--threads", "--contention", "--retries", "--retry-wait", "--out", "--keep-inductor-cache", "--quick",
+              "--log-level"],
+    "steps": ["--arch", "--latent", "--steps", "--guidance", "--runs", "--variants", "--out", "--plot", "--quick",
+              "--device", "--threads"],
+    "policies": ["--arch", "--latent", "--steps", "--guidance", "--threads", "--pair-every", "--select", "--resume",
+                 "--report-only", "--out", "--quick"],
+    "atedm": ["--arch", "--latent", "--batch", "--runs", "--warmup", "--ratio", "--dsap-steps", "--num-steps",
+              "--methods", "--inductor", "--threads", "--out", "--quick", "--flops-only"],
+    "export": ["--arch", "--latents", "--batch", "--variants", "--runs", "--warmup", "--threads", "--tensorrt",
+               "--workdir", "--out"],
+}
+
+
+def test_every_bench_command_has_help_with_its_documented_flags_and_every_option():
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    commands = bench._subparsers._group_actions[0].choices
+    assert set(DOCUMENTED_FLAGS) <= set(commands) and "variants" in commands
+    for name, flags in DOCUMENTED_FLAGS.items():
+        p = commands[name]
+        known = {s for a in p._actions for s in a.option_strings}
+        assert set(flags) <= known, (name, set(flags) - known)
+        dests = {a.dest for a in p._actions}
+        fields = {f.name for f in dataclasses.fields(p.get_default("options_class"))}
+        assert fields <= dests, (name, fields - dests)  # every option is reachable from the command line
+        assert p.format_help()
+
+
+def test_the_scripts_are_the_commands(monkeypatch, capsys):
+    for name in DOCUMENTED_FLAGS:
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(ROOT / "benchmarks" / f"{name}.py"), run_name="__main__")
+        assert done.value.code == 0 and f"graphprune bench {name}" in capsys.readouterr().out
+    res = subprocess.run([sys.executable, "-m", "graphprune.cli", "bench", "speed", "--variants", "sito0.5,nope"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown variant 'nope'" in res.stderr
+
+
+def test_flags_reach_the_options(monkeypatch):
+    seen = {}
+    from graphprune.bench import speed
+
+    monkeypatch.setattr(speed, "run", lambda opts: seen.setdefault("opts", opts) and {"table": "", "failed": []})
+    assert cli_main(["bench", "speed", "--latents", "32,16", "--variants", "eager,sito0.5-fx", "--runs", "4",
+                     "--retry-wait", "1.5", "--baseline", "eager"]) == 0
+    o = seen["opts"]
+    assert (o.latents, o.variants, o.runs, o.retry_wait, o.baseline) == ((32, 16), ("eager", "sito0.5-fx"), 4, 1.5,
+                                                                         "eager")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# smoke runs: each benchmark end to end on a tiny model (seconds), speed and errors checked for shape, not value
+
+def _check_paired(res, runs):
+    assert len(res["times_s"]) == runs == len(res["baseline_times_s"])
+    assert res["speedup"] == statistics.median(b / v for b, v in zip(res["baseline_times_s"], res["times_s"]))
+
+
+def test_speed_smoke(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert cli_main(["bench", "speed", "--quick", "--variants", "eager,tome0.5-fx,tomesd", "--out", str(out),
+                     "--log-level", "WARNING"]) == 0
+    printed = capsys.readouterr().out
+    assert "eager (baseline)" in printed and "graphprune tome r=0.5 (fx)" in printed and "threads 1" in printed
+    result = json.loads(out.read_text())
+    lat = result["latents"]["16"]
+    assert list(lat["variants"]) == ["eager", "tome0.5-fx", "tomesd"] and lat["baseline"] == "eager"
+    assert lat["variants"]["eager"]["rel_error"] == 0 and lat["variants"]["eager"]["speedup"] == 1.0
+    for key in ("tome0.5-fx", "tomesd"):
+        r = lat["variants"][key]
+        _check_paired(r, 2)
+        assert 0 < r["rel_error"] < 0.2 and r["flop_bound"] > 1 and r["no_recompiles"]
+    assert lat["variants"]["tome0.5-fx"]["sites_match_analysis"]
+    for key in ("torch", "device", "threads", "dtype", "model_config", "loadavg_start", "git_commit", "protocol"):
+        assert key in result["header"], key
+
+
+def test_steps_smoke(tmp_path):
+    out, png = tmp_path / "steps.json", tmp_path / "steps.png"
+    assert cli_main(["bench", "steps", "--quick", "--variants", "eager,deepcache3-fx,DeepCache3", "--out", str(out),
+                     "--plot", str(png), "--log-level", "WARNING"]) == 0
+    result = json.loads(out.read_text())
+    rows = result["variants"]
+    assert result["header"]["baseline"] == "eager" and list(rows) == ["eager", "deepcache3-fx", "DeepCache3"]
+    for key in ("deepcache3-fx", "DeepCache3"):
+        _check_paired(rows[key]["timing"], 1)
+        assert rows[key]["kinds"] == {"full": 4, "shallow": 6, "reuse": 0}
+        assert 1.5 < rows[key]["flop_bound"] < 3
+    assert rows["deepcache3-fx"]["compiled_variants"] == ["full", "shallow"]
+    # graphprune's deepcache and the DeepCache package compute the same loop
+    assert rows["eager"]["rel_error"] == 0 and 0 < rows["deepcache3-fx"]["rel_error"] < 0.5
+    assert abs(rows["deepcache3-fx"]["rel_error"] - rows["DeepCache3"]["rel_error"]) < 1e-4
+    assert png.stat().st_size > 10_000
+
+
+def test_atedm_smoke(tmp_path):
+    out = tmp_path / "atedm.json"
+    assert cli_main(["bench", "atedm", "--arch", "sdxl-tiny", "--latent", "16", "--threads", "1", "--methods", "atedm",
+                     "--runs", "1", "--warmup", "0",
+                     "--out", str(out), "--log-level", "WARNING"]) == 0
+    result = json.loads(out.read_text())["results"]
+    assert set(result) == {"unpruned", "atedm late", "atedm early", "atedm DSAP generation"}
+    for key in ("atedm late", "atedm early"):
+        _check_paired(result[key], 1)
+        assert result[key]["flop_bound"] > 1 and 0 < result[key]["plan_time_share"] < 1 and result[key]["rel_err"] > 0
+    assert result["atedm late"]["flops"]["total"] < result["atedm early"]["flops"]["total"]
+
+
+def test_export_smoke(tmp_path):
+    out = tmp_path / "export.json"
+    assert cli_main(["bench", "export", "--quick", "--variants", "tome0.5", "--workdir", str(tmp_path),
+                     "--out", str(out), "--log-level", "WARNING"]) == 0
+    (onnx,) = json.loads(out.read_text())["onnx"]
+    unpruned, tome = onnx["rows"]
+    assert unpruned["variant"] == "unpruned" and unpruned["trt_checks"] == "ok"
+    assert tome["variant"] == "tome0.5" and tome["pruned_sites"] > 0 and 0 < tome["rel_err"] < 0.2
+    _check_paired(tome["timing"], 2)
+
+
+def test_policies_front_measures_the_selected_variants_resumes_and_rewrites_its_report(tmp_path):
+    """The policy front on the tiny UNet (12 steps): a fixed interval measured between two baseline generations,
+    --resume keeps it and adds the first-block variants (knobs placed at the intervals' call counts),
+    --report-only redoes front.md from front.json."""
+    import json
+
+    from graphprune.bench import policies
+    from graphprune.bench.options import PoliciesOptions
+
+    out = tmp_path / "front"
+    first = policies.run(PoliciesOptions(quick=True, out=str(out), select="^deepcache fixed N=2$"))
+    front = json.loads((out / "front.json").read_text())
+    assert set(front["variants"]) == {"deepcache fixed N=2"}
+    fixed = front["variants"]["deepcache fixed N=2"]
+    assert fixed["counts"] == {"full": 6, "shallow": 6, "reuse": 0} and fixed["probe_calls"] == 0
+    assert fixed["kinds"] == ["full", "shallow"] * 6
+    assert len(front["baselines"]) == 2  # one generation before the variant, one after
+    assert fixed["speedup"] == fixed["baseline_cpu_seconds"] / fixed["cpu_seconds"]
+    assert (out / "front.md").exists() and (out / "front.png").exists() and (out / "calibration.json").exists()
+    assert "| deepcache | 6 (N=2) | " in first["table"]
+
+    again = policies.run(PoliciesOptions(quick=True, out=str(out), resume=True, select="^deepcache first-block [^ ]+$"))
+    thresholds = again["calibration"]["thresholds"]
+    added = {f"deepcache first-block T={thresholds[n]:.3g}" for n in ("6", "4")}
+    assert set(again["variants"]) == {"deepcache fixed N=2"} | added
+    assert again["variants"]["deepcache fixed N=2"]["cpu_seconds"] == fixed["cpu_seconds"]  # kept, not re-measured
+    for name in added:
+        v = again["variants"][name]
+        assert v["probe_calls"] == 12 and v["counts"]["full"] + v["counts"]["shallow"] == 12
+        assert v["speedup"] > 0 and 0 < v["error"] < 1 and v["flop_bound"] > 1
+    (out / "front.md").unlink()
+    policies.run(PoliciesOptions(quick=True, out=str(out), report_only=True))
+    assert all(name in (out / "front.md").read_text() for name in added)
