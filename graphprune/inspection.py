@@ -131,10 +131,19 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
             described.append(fn.describe())
         return gm.forward  # the traced graph on meta tensors: shapes only
 
-    entry = torch.compile(_fresh_entry(shadow), backend=backend, dynamic=False)
     breaks_before = graph_break_counts()
-    with torch.no_grad(), stage(f"trace {type(shadow).__name__} on the meta device and match its attention"):
-        entry(*to_meta(args), **to_meta(kwargs))
+    try:
+        with torch.no_grad(), stage(f"trace {type(shadow).__name__} on the meta device and match its attention"):
+            torch.compile(_fresh_entry(shadow), backend=backend, dynamic=False)(*to_meta(args), **to_meta(kwargs))
+    except Exception as exc:  # noqa: BLE001  model code that cannot run on meta (a CPU tensor made in forward, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.info("graphprune.inspect: the meta-device dry run failed (%s); tracing on the model's own device", reason)
+        notes.append(f"traced on the model's own device (real compute): it does not run on the meta device ({reason})")
+        graphs.clear(), described.clear(), traced.clear()
+        shadow = _module(model)
+        breaks_before = graph_break_counts()
+        with torch.no_grad(), stage(f"trace {type(shadow).__name__} and match its attention"):
+            torch.compile(_fresh_entry(shadow), backend=backend, dynamic=False)(*args, **kwargs)
     coverage = check_coverage(shadow, traced, breaks_before)  # graph breaks, attention no graph proves
     return InspectReport(graphs=graphs, runtimes=[d for d in described if d.get("runtime") != "none"], notes=notes,
                          coverage=coverage)
