@@ -144,7 +144,9 @@ class InspectReport:
                 continue
             lines.append(f"runtime[{r['method']}] {r.get('shape', '')}: schedule {r.get('schedule')}; cut at "
                          f"{r.get('cut_description')}; generation {r.get('generation')}, step {r.get('step')}; "
-                         f"state held {r.get('state_bytes')} bytes")
+                         f"state held {r.get('state_bytes')} bytes"
+                         + (f", {r['carried_bytes_per_context']} carried per cache context once running"
+                            if r.get("carried_bytes_per_context") else ""))
             for v in r.get("variants", []):
                 if "buckets" in v:  # catome: the match cache's variants
                     lines.append(f"  variant {v['kind']}: buckets {v['buckets']}, {v['ops']} ops, "

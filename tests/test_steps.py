@@ -236,7 +236,9 @@ def test_inspect_reports_cut_variants_and_state_bytes(tiny):
     assert rt["cut"]["resnet"] == "up_blocks.1.resnets.1" and len(rt["variants"]) == 2
     full, shallow = rt["variants"]
     assert full["pruned_sites"] == 3 and shallow["pruned_sites"] == 1 and full["budgets"] == [(256, 154)]
-    assert rt["state_bytes"] == sample.numel() * 4 + 2 * 32 * 16 * 16 * 4  # eps (= the output) + cached feature
+    assert rt["state_bytes"] == 0  # a dry run: no call ran, nothing is held
+    # once running: DaTo's two previous predictions (the output's shape) + the cached feature (2, 32, 16, 16)
+    assert rt["carried_bytes_per_context"] == 2 * sample.numel() * 4 + 2 * 32 * 16 * 16 * 4
     assert "variant shallow" in str(report)
     fast, _ = compile_steps(model, method="deepcache")
     step(fast, sample, 999, ctx)

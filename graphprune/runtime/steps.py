@@ -405,10 +405,26 @@ class StepRuntime(Runtime):
             s = ctx.state
             yield from [s.cache, *(s.outputs or ()), *s.eps, *s.taylor, s.probe_ref]
 
+    def carried_bytes_per_context(self) -> int:
+        """Bytes of the cross-step tensors one cache context carries between calls once every state exists (the
+        cached feature, Taylor factors, the probe reference, the method's previous predictions), from the compiled
+        variants' graph inputs: known before any call (``inspect``'s dry run), unlike :meth:`state_bytes`."""
+        sizes: dict[str, int] = {}
+        for variant in self.variants.values():
+            for node in variant.gm.graph.nodes:
+                key = str(node.target)[len(_PREFIX):] if node.op == "placeholder" else ""
+                carried = key in ("cache", "probe_ref") or key in self.token_method.context_inputs or (
+                    key.startswith("taylor_") and key[len("taylor_"):].isdigit())
+                val = node_val(node) if carried else None
+                if val is not None:
+                    sizes[key] = val.numel() * val.element_size()
+        return sum(sizes.values())
+
     def describe_extra(self) -> dict[str, Any]:
         """Policy, cut, the compiled variants and the record of steps, as plain data."""
         records = self.records
         return {"schedule": self.policy.describe(), "policy": self.policy.name,
+                "carried_bytes_per_context": self.carried_bytes_per_context(),
                 "forecast": f"taylor(order={self.order})" if self.order is not None else "none",
                 "cfg": getattr(self.config, "cfg", "batch"),
                 "cut": dataclasses.asdict(self.cut) if self.cut else None,
@@ -422,7 +438,8 @@ class StepRuntime(Runtime):
         d = self.describe()
         lines = [f"graphprune[{d['method']}] runtime: {d['schedule']}; forecast {d['forecast']}; cut at "
                  f"{d['cut_description']}; generation {d['generation']}, step {d['step']}; state held: "
-                 f"{d['state_bytes'] / 2**20:.2f} MiB"]
+                 f"{d['state_bytes'] / 2**20:.2f} MiB ({d['carried_bytes_per_context'] / 2**20:.2f} MiB per cache "
+                 f"context once running)"]
         if d["probe"]:
             lines.append(f"  probe: {d['probe']}")
         for v in d["variants"]:
