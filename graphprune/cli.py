@@ -179,6 +179,8 @@ BENCHMARKS = {
     "steps": ("StepsOptions", "whole denoising loops: step caching (deepcache, dato, catome) and pruning vs full "
               "steps, each timed generation paired with a baseline generation"),
     "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
+    "profile": ("ProfileOptions", "where the time of one call goes: self time per op of each variant "
+                "(torch.profiler, categories) and eager time per module with each config's time bound"),
     "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
                "Inductor on CUDA"),
 }
