@@ -67,7 +67,12 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    from .passes.cut import copy_graph_module
+    from .passes.inline import inline_calls
+
     patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
+    gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
+    inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
