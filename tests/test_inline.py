@@ -16,7 +16,7 @@ from graphprune.passes.cut import copy_graph_module
 from graphprune.passes.inline import _Unstable, fingerprint, inline_calls, is_graphprune_call
 from graphprune.passes.splice import token_calls
 
-from models import SD15_TINY, HandAttentionBlock, unet, unet_inputs
+from models import SD15_TINY, HandAttentionBlock, StyleUNet, unet, unet_inputs
 
 CONFIGS = [
     {"method": "tome", "ratio": 0.5},
@@ -43,11 +43,29 @@ def _rewritten(model, args, kwargs, options):
     return got["gm"], got["inputs"]
 
 
+#: model code whose rewrite inserts more than linears: fused qkv 1x1 conv1d with per-head index columns (ADM legacy),
+#: 1x1 conv2d (k-diffusion), separate 1x1 convs (VAE); flattening / channels-first closures
+STYLES = {"adm-legacy": dict(conv="adm-legacy"), "kdiff": dict(conv="kdiff"), "vae": dict(conv="vae"),
+          "ldm-einsum": dict(attention="einsum", layout="einops", use_linear=False)}
+
+
 @pytest.mark.parametrize("options", CONFIGS, ids=lambda o: ":".join(f"{k}={v}" for k, v in o.items()))
 def test_inlined_graph_computes_the_same_with_cacheable_ops_only(options):
     model = unet(SD15_TINY)
     args, kwargs = unet_inputs(model, latent=16)
-    gm, inputs = _rewritten(model, args, kwargs, options)
+    _check_inlined(*_rewritten(model, args, kwargs, options))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_model_styles_inline_too(style):
+    torch.manual_seed(0)
+    model = StyleUNet(**STYLES[style]).eval()
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(500), torch.randn(2, 5, 16, generator=g))
+    _check_inlined(*_rewritten(model, args, {}, {"method": "tome", "ratio": 0.5}))
+
+
+def _check_inlined(gm, inputs):
     calls = [n for n in gm.graph.nodes if is_graphprune_call(n)]
     assert calls, "the rewrite inserted graphprune's functions"
     with pytest.raises(BypassAOTAutogradCache):
@@ -67,6 +85,8 @@ def test_fingerprints_name_the_behaviour():
     m = ToMe()
     a, b, c = (token_calls(m, parse_options({"method": "tome", "ratio": r}))[0] for r in (0.5, 0.5, 0.3))
     assert a is not b and fingerprint(a) == fingerprint(b) != fingerprint(c)
+    cols = slice(0, 4)  # projection columns (a slice or index tuple) are plain data: memoizable
+    assert fingerprint(lambda t: t[..., cols]) == fingerprint(lambda t: t[..., cols])
     node = torch.fx.Graph().placeholder("x")
     with pytest.raises(_Unstable):
         fingerprint(lambda x: node)  # a graph node has no canonical description: that call is traced, not memoized

@@ -69,8 +69,10 @@ class _Unstable(Exception):
 def _canon(value: Any) -> Hashable:
     """A description of ``value`` that equal values share (plain data, dataclasses, functions, stateless objects of
     graphprune's classes); :class:`_Unstable` otherwise."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return (type(value).__name__, repr(value))
+    if isinstance(value, slice):  # projection columns (graphprune.passes.splice.take_columns)
+        return ("slice", _canon((value.start, value.stop, value.step)))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(_canon(v) for v in value))
     if isinstance(value, dict):
