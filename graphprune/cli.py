@@ -1,7 +1,7 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
 ``graphprune generate --arch tiny --method tome --prompt "a red rocket" -o out/`` writes images and timings;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto|speed|steps|atedm|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
+``graphprune bench pareto|speed|steps|atedm|compile|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
 flags are the fields of its options dataclass, the command prints the table its ``run`` returns)."""
 
 from __future__ import annotations
@@ -181,6 +181,8 @@ BENCHMARKS = {
     "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
     "profile": ("ProfileOptions", "where the time of one call goes: self time per op of each variant "
                 "(torch.profiler, categories) and eager time per module with each config's time bound"),
+    "compile": ("CompileOptions", "compile time as a user sees it: cold and warm (fresh processes sharing the "
+                "on-disk Inductor caches) per variant, graphs compiled, cache hits and misses"),
     "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
                "Inductor on CUDA"),
 }

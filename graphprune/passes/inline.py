@@ -137,7 +137,12 @@ def inline_calls(gm: GraphModule) -> int:
             continue
         args = _resolve(node.args, env)
         kwargs = _resolve(node.kwargs, env)
-        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), node_val)
+        try:
+            fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), node_val)
+        except Exception as exc:  # noqa: BLE001 - an input without a traced value: leave the call as it is
+            log.debug("graphprune: %s has an input without a traced value (%s); not inlined", node.name, exc)
+            failed += 1
+            continue
         leaves = pytree.tree_leaves((fake_args, fake_kwargs))
         node_leaves = pytree.tree_leaves((args, kwargs))
         if any(isinstance(n, Node) and not isinstance(v, torch.Tensor) for n, v in zip(node_leaves, leaves)):
