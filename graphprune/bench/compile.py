@@ -147,7 +147,7 @@ def measure_process(spec: dict[str, Any]) -> dict[str, Any]:
     generation_s = time.perf_counter() - t2
     rt = new_runtime(built, before) if v.kind == "graphprune" else None  # plain Inductor: a compiled function
     kinds = generation_kinds(built, rt, spec["steps"])
-    compiled = [d["kind"] for d in rt.describe()["variants"]] if rt is not None else []
+    compiled = [d["kind"] for d in rt.describe().get("variants", [])] if rt is not None else []
     built.close()
     row = {"build_seconds": build_s, "generation_seconds": generation_s,
            "first_call_seconds": times[0], "call_seconds": times, "kinds": kinds, "compiled_variants": compiled,

@@ -187,7 +187,7 @@ def record(v: Variant, res: dict[str, Any], finals: dict[int, torch.Tensor], per
     }
     if rt is not None:
         row["compiled_variants"] = [d["kind"] + (str(d["buckets"]) if "buckets" in d else "")
-                                    for d in rt.describe()["variants"]]
+                                    for d in rt.describe().get("variants", [])]
         if isinstance(rt, MatchCacheRuntime):
             gens = len(res["attempts"]) * len(res["times_s"]) or 1
             st, s0 = rt.stats, stats0 or {}
