@@ -55,6 +55,11 @@ class RandomFeed:
                 for spec, device in self.specs]
 
 
+#: methods whose graphs are compiled without inlining (uncached by AOTAutograd): DaTo's inlined full graph makes
+#: Dynamo's guard building fail (IndexError in ShapeEnv.produce_guards, cold compile under Inductor; issue 17)
+NOT_INLINED = frozenset({"dato"})
+
+
 def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfig) -> Callable[..., Any]:
     """Hand the (rewritten) graph to the configured inner compiler."""
     if config.compiler == "eager":
@@ -71,8 +76,9 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     from .passes.inline import inline_calls
 
     patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
-    gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
-    inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
+    if config.method not in NOT_INLINED:
+        gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
+        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
     if _shape_env() is not None:  # inside Dynamo's compile of the frame
         return compile_fx(gm, example_inputs, config_patches=patches)
     # a variant compiled lazily at run time (a step kind's first call, a catome bucket): outside Dynamo's tracing
