@@ -13,8 +13,9 @@ See benchmarks/README.md.
 import sys
 from pathlib import Path
 
-# import the graphprune of this checkout (not another installed copy)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# import the graphprune of this checkout (not another installed copy); this folder leaves the path: its profile.py
+# would shadow the standard library's (cProfile, imported by torch._dynamo, reads profile.run)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from graphprune.cli import main  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The ``graphprune`` command. ``graphprune inspect --arch sd15 --latent 64`` prints the attention sites;
 ``graphprune generate --arch tiny --method tome --prompt "a red rocket" -o out/`` writes images and timings;
 ``graphprune export --arch sd15 --latent 64 --method sito --ratio 0.5 --format onnx -o out.onnx`` exports;
-``graphprune bench pareto|speed|steps|policies|atedm|export ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
+``graphprune bench pareto|speed|steps|policies|atedm|compile|export|profile ...`` runs a benchmark (:mod:`graphprune.bench`: each command's
 flags are the fields of its options dataclass, the command prints the table its ``run`` returns);
 ``graphprune calibrate --arch sd15 --latent 64 --steps 50 -o calib.json`` writes a MagCache calibration."""
 
@@ -199,6 +199,10 @@ BENCHMARKS = {
                  "and magcache at equal call counts, x Taylor forecast, x DaTo pruning; generations bracketed by "
                  "full-step ones (front.json, front.md, front.png)"),
     "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
+    "profile": ("ProfileOptions", "where the time of one call goes: self time per op of each variant "
+                "(torch.profiler, categories) and eager time per module with each config's time bound"),
+    "compile": ("CompileOptions", "compile time as a user sees it: cold and warm (fresh processes sharing the "
+                "on-disk Inductor caches) per variant, graphs compiled, cache hits and misses"),
     "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
                "Inductor on CUDA"),
 }

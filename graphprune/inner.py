@@ -55,6 +55,11 @@ class RandomFeed:
                 for spec, device in self.specs]
 
 
+#: methods whose graphs are compiled without inlining (uncached by AOTAutograd): DaTo's inlined full graph makes
+#: Dynamo's guard building fail (IndexError in ShapeEnv.produce_guards, cold compile under Inductor; issue 17)
+NOT_INLINED = frozenset({"dato"})
+
+
 def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfig) -> Callable[..., Any]:
     """Hand the (rewritten) graph to the configured inner compiler."""
     if config.compiler == "eager":
@@ -67,8 +72,31 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    from .passes.cut import copy_graph_module
+    from .passes.inline import inline_calls
+
     patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    if config.method not in NOT_INLINED:
+        gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
+        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
+    if _shape_env() is not None:  # inside Dynamo's compile of the frame
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    # a variant compiled lazily at run time (a step kind's first call, a catome bucket): outside Dynamo's tracing
+    # context the FX graph and AOTAutograd caches bypass it ("No shape env"); give it a static-shape context
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _shape_env() -> Any:
+    """The shape environment of the active tracing context (None outside Dynamo's compile of a frame)."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    return getattr(getattr(ctx, "fake_mode", None), "shape_env", None)
 
 
 INSTALL_HINT = ("TensorRT export needs an NVIDIA GPU with CUDA and torch-tensorrt built for your torch "

@@ -9,12 +9,14 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from graphprune.bench import options, timing, variants
-from graphprune.bench.options import AtedmOptions, ExportOptions, ParetoOptions, Protocol, SpeedOptions, StepsOptions
+from graphprune.bench.options import (AtedmOptions, CompileOptions, ExportOptions, ParetoOptions, Protocol,
+                                      SpeedOptions, StepsOptions)
 from graphprune.cli import build_parser
 from graphprune.cli import main as cli_main
 
@@ -170,7 +172,7 @@ def test_variants_build_their_callables():
 
 
 def test_options_quick_presets_are_idempotent_and_checked():
-    for cls in (ParetoOptions, SpeedOptions, StepsOptions, AtedmOptions, ExportOptions):
+    for cls in (ParetoOptions, SpeedOptions, StepsOptions, AtedmOptions, ExportOptions, CompileOptions):
         quick = cls(quick=True)
         assert dataclasses.replace(quick) == quick, cls.__name__
         quick.check()
@@ -204,6 +206,7 @@ DOCUMENTED_FLAGS = {
                  "--report-only", "--out", "--quick"],
     "atedm": ["--arch", "--latent", "--batch", "--runs", "--warmup", "--ratio", "--dsap-steps", "--num-steps",
               "--methods", "--inductor", "--threads", "--out", "--quick", "--flops-only"],
+    "compile": ["--arch", "--latent", "--steps", "--variants", "--processes", "--threads", "--out", "--quick"],
     "export": ["--arch", "--latents", "--batch", "--variants", "--runs", "--warmup", "--threads", "--tensorrt",
                "--workdir", "--out"],
 }
@@ -289,6 +292,45 @@ def test_steps_smoke(tmp_path):
     assert rows["eager"]["rel_error"] == 0 and 0 < rows["deepcache3-fx"]["rel_error"] < 0.5
     assert abs(rows["deepcache3-fx"]["rel_error"] - rows["DeepCache3"]["rel_error"]) < 1e-4
     assert png.stat().st_size > 10_000
+
+
+def test_compile_time_is_what_the_first_call_of_each_kind_added():
+    from graphprune.bench.compile import split_compile
+
+    kinds = ["full", "shallow", "shallow", "full", "shallow", "reuse", "reuse"]
+    times = [9.0, 4.0, 1.0, 2.0, 1.2, 0.0, 0.0]
+    got = split_compile(times, kinds)
+    assert got["steady_call_seconds"] == {"full": 2.0, "shallow": 1.1, "reuse": 0.0}
+    assert got["compile_seconds"] == pytest.approx(sum(times) - 2 * 2.0 - 3 * 1.1)  # 7 + 2.9
+    once = split_compile([5.0, 1.0, 1.0], ["full", "shallow", "shallow"])
+    assert once["compile_seconds"] is None and once["kinds_called_once"] == ["full"]
+
+
+def test_generation_kinds_of_plain_and_step_aware_runtimes():
+    built = variants.Built(lambda *a: None)
+    assert variants.generation_kinds(built, SimpleNamespace(), 3) == ["full"] * 3  # a plain graph's runtime
+    rt = SimpleNamespace(previous_kinds=["full", "shallow", "reuse"], kinds=["full"])
+    assert variants.generation_kinds(built, rt, 3) == ["full", "shallow", "reuse"]
+    assert variants.generation_kinds(built, None, 2) == ["full", "full"]
+
+
+@pytest.mark.slow
+def test_compile_smoke_a_second_process_loads_every_graph_from_the_caches(tmp_path):
+    out = tmp_path / "compile.json"
+    assert cli_main(["bench", "compile", "--quick", "--variants", "deepcache3", "--out", str(out),
+                     "--log-level", "WARNING"]) == 0
+    row = json.loads(out.read_text())["variants"]["deepcache3"]
+    cold, warm = row["processes"]
+    assert cold["compiled_variants"] == warm["compiled_variants"] == ["full", "shallow"]
+    assert cold["kinds"].count("full") == 2 and cold["compile_seconds"] > 0 and warm["compile_seconds"] is not None
+    assert cold["counters"]["aot_autograd"]["autograd_cache_miss"] == 2
+    assert cold["counters"]["inductor"]["fxgraph_cache_miss"] == 2
+    # the warm process: both step graphs load from AOTAutograd's cache (no re-trace), nothing bypasses it
+    assert warm["counters"]["aot_autograd"]["autograd_cache_hit"] == 2
+    assert warm["counters"]["aot_autograd"]["autograd_cache_miss"] == 0
+    assert cold["counters"]["aot_autograd"]["autograd_cache_bypass"] == warm["counters"]["aot_autograd"][
+        "autograd_cache_bypass"] == 0
+    assert row["warm_over_cold"] is not None and row["warm_vs_baseline_warm"] == 1.0
 
 
 def test_atedm_smoke(tmp_path):

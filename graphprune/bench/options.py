@@ -433,5 +433,88 @@ class ExportOptions(BenchOptions):
             raise ValueError("--latents is empty")
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# graphprune bench profile
+
+PROFILE_VARIANTS = ("inductor", "tome0.5", "sito0.5", "tomesd")
+
+
+@dataclass
+class ProfileOptions(BenchOptions):
+    """Where the time goes (:mod:`graphprune.bench.profile`): self time per op of each variant (torch.profiler) and
+    eager time per module of the unpruned model, with each config's time bound."""
+
+    arch: str = opt("sd15", "built-in architecture (graphprune.archs)")
+    latent: int = opt(64, "latent height and width")
+    batch: int = opt(2, "batch size (2 = classifier-free guidance)")
+    variants: tuple[str, ...] = opt(PROFILE_VARIANTS, "comma-separated variants (graphprune bench variants lists "
+                                    "them; METHOD:key=value:... for any graphprune options)")
+    calls: int = opt(2, "profiled calls per variant (self times are per call)")
+    warmup: int = opt(1, "untimed calls after the first (compiling) call")
+    kernel_profile: bool = opt(True, "leave Inductor's C++ kernels unrecorded (they are then summed in the graph's "
+                               "'## Call CompiledFxGraph' entry; the compiles then share the usual cache)")
+    modules: bool = opt(True, "skip the eager per-module times and the time bounds")
+    rows: int = opt(20, "top ops listed per variant in the table")
+    keep_ops: int = opt(200, "ops kept per variant in the JSON")
+    seed: int = opt(0, "seed of the model weights")
+    out: str = opt("results/profile.json", "JSON output path")
+    quick: bool = opt(False, "smoke test: --arch tiny --latent 16 --calls 1 --threads 1")
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(self.variants)
+        if self.quick:
+            self.arch, self.latent, self.calls = "tiny", 16, 1
+            self.threads = self.threads or 1
+
+    def check(self) -> None:
+        _check_arch(self.arch)
+        if self.calls < 1 or self.warmup < 0 or not self.variants:
+            raise ValueError("need --calls >= 1, --warmup >= 0 and at least one variant")
+        if 1 + self.warmup + self.calls > DISTINCT_TIMESTEPS:
+            raise ValueError(f"1 + warmup + calls must be <= {DISTINCT_TIMESTEPS}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# graphprune bench compile
+
+COMPILE_VARIANTS = ("inductor", "tome0.5")
+COMPILE_QUICK_VARIANTS = ("inductor", "tome0.5", "deepcache3")
+
+
+@dataclass
+class CompileOptions(BenchOptions):
+    """Compile time as a user sees it (:mod:`graphprune.bench.compile`): per variant, fresh processes against one
+    fresh on-disk Inductor cache (the first cold, the others warm)."""
+
+    arch: str = opt("sd15", "built-in architecture (graphprune.archs)")
+    latent: int = opt(32, "latent height and width")
+    steps: int = opt(4, "DDIM steps of the generation each process runs (every compiled step kind must run at "
+                     "least twice for its compile to be separated; the DaTo presets need 50)")
+    guidance: float = opt(7.5, "classifier-free guidance scale")
+    variants: tuple[str, ...] = opt(COMPILE_VARIANTS, "comma-separated variants, the first is the baseline of the "
+                                    "'warm vs' column (graphprune bench variants lists them)")
+    processes: int = opt(2, "fresh processes per variant against its cache folder (1 cold, then warm ones)")
+    timeout: float = opt(3600.0, "seconds one process may take")
+    threads: int | None = opt(1, "torch threads in each process (OMP_NUM_THREADS too)", group=PROTOCOL)
+    out: str | None = opt("results/compile.json", "JSON output path")
+    quick: bool = opt(False, "smoke run: --arch tiny --latent 16 --steps 6, inductor, tome0.5, deepcache3")
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(self.variants)
+        if self.quick:
+            self.arch, self.latent, self.steps = "tiny", 16, 6
+            if self.variants == COMPILE_VARIANTS:
+                self.variants = COMPILE_QUICK_VARIANTS
+
+    def check(self) -> None:
+        _check_arch(self.arch)
+        if not self.variants or self.processes < 1 or self.steps < 1:
+            raise ValueError("need at least one variant, --processes >= 1 and --steps >= 1")
+        if self.steps != 50 and any("dato-" in v for v in self.variants):
+            raise ValueError("the DaTo presets (dato-imagenet, dato-coco) are defined for 50 steps; use --steps 50 "
+                             "or dato3")
+
+
 __all__ = ["opt", "Protocol", "LoopSpec", "BenchOptions", "ParetoOptions", "SpeedOptions", "StepsOptions",
-           "PoliciesOptions", "AtedmOptions", "ExportOptions", "resolve_methods", "arch_names", "baseline_of"]
+           "PoliciesOptions", "AtedmOptions", "ExportOptions", "ProfileOptions", "CompileOptions", "resolve_methods",
+           "arch_names", "baseline_of"]

@@ -37,7 +37,7 @@ from .flops import catome_flops, flops_per_kind
 from .options import LoopSpec, StepsOptions, baseline_of
 from .output import plot_speed_error, render_table, write_json
 from .timing import PairedTimer, torch_setup
-from .variants import Built, Variant, build_model, variants
+from .variants import Built, Variant, build_model, generation_kinds, new_runtime, variants
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def measure(v: Variant, timer: PairedTimer, ctx: _Loop, unet: torch.nn.Module, d
     stats0: dict[str, Any] = {}
 
     def snapshot() -> None:
-        rt = _new_runtime(built, before)
+        rt = new_runtime(built, before)
         stats0.update(getattr(rt, "stats", {}) if rt is not None else {})
 
     res = timer.time(ctx.generations(built.fn, finals, per_call), v.label, before_timed=snapshot)
@@ -164,24 +164,13 @@ def measure(v: Variant, timer: PairedTimer, ctx: _Loop, unet: torch.nn.Module, d
     return r
 
 
-def _new_runtime(built: Built, before: set[int]) -> Any:
-    found = [r for r in runtimes(built.fn) if id(r) not in before] if built.helper is None else []
-    return found[-1] if found else None
-
-
 def record(v: Variant, res: dict[str, Any], finals: dict[int, torch.Tensor], per_call: dict[int, list[float]],
            built: Built, ctx: _Loop, unet: torch.nn.Module, before: set[int] | None = None,
            stats0: dict[str, Any] | None = None) -> dict[str, Any]:
     """The variant's row: times, kinds per generation, per-kind call times, compiled variants, catome counters."""
     steps = ctx.spec.steps
-    rt = _new_runtime(built, before) if before is not None else None
-    if rt is not None:
-        kinds = list(rt.previous_kinds or rt.kinds)
-    elif built.helper is not None:  # the DeepCache helper: uniform interval
-        n = built.helper.params["cache_interval"]
-        kinds = ["full" if i % n == 0 else "shallow" for i in range(steps)]
-    else:
-        kinds = ["full"] * steps
+    rt = new_runtime(built, before) if before is not None else None
+    kinds = generation_kinds(built, rt, steps)
     # per-call times of the timed generations that were kept (the least contended attempt)
     first = 1 + len(res["warmup_s"]) + (res["timed_attempt_used"] - 1) * len(res["times_s"])
     kept = [per_call[i] for i in range(first, first + len(res["times_s"])) if i in per_call]
@@ -198,7 +187,7 @@ def record(v: Variant, res: dict[str, Any], finals: dict[int, torch.Tensor], per
     }
     if rt is not None:
         row["compiled_variants"] = [d["kind"] + (str(d["buckets"]) if "buckets" in d else "")
-                                    for d in rt.describe()["variants"]]
+                                    for d in rt.describe().get("variants", [])]
         if isinstance(rt, MatchCacheRuntime):
             gens = len(res["attempts"]) * len(res["times_s"]) or 1
             st, s0 = rt.stats, stats0 or {}

@@ -159,6 +159,27 @@ class Variant:
         return Built(torch.compile(patched) if self.inductor else patched, patched=patched, helper=helper)
 
 
+def new_runtime(built: Built, before: set[int]) -> Any:
+    """The graphprune runtime ``built.fn`` created since ``before`` (ids of :func:`~graphprune.runtime.base.runtimes`
+    taken before it was built and run), or None (a peer, or not run yet)."""
+    from ..runtime.base import runtimes
+
+    found = [r for r in runtimes(built.fn) if id(r) not in before] if built.helper is None else []
+    return found[-1] if found else None
+
+
+def generation_kinds(built: Built, runtime: Any, steps: int) -> list[str]:
+    """The step kind (full, shallow, reuse, refresh, cached) of each of the ``steps`` calls of the generation
+    ``built`` just ran: its runtime's, the DeepCache helper's uniform interval, else all full."""
+    kinds = (getattr(runtime, "previous_kinds", None) or getattr(runtime, "kinds", None)) if runtime else None
+    if kinds:  # a step-aware runtime (a plain graph's runtime has no kinds: every call is full)
+        return list(kinds)
+    if built.helper is not None:
+        n = built.helper.params["cache_interval"]
+        return ["full" if i % n == 0 else "shallow" for i in range(steps)]
+    return ["full"] * steps
+
+
 def graphprune_variant(key: str, label: str, **options: Any) -> Variant:
     return Variant(key, label, "graphprune", options=options, ratio=options.get("ratio"))
 
@@ -280,5 +301,6 @@ def build_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
     return archs.build_model(arch, dtype=dtype, seed=seed)
 
 
-__all__ = ["Variant", "Built", "compiled_call", "variant", "variants", "grid", "catalogue_names", "CATALOGUE", "TOMESD",
+__all__ = ["Variant", "Built", "compiled_call", "new_runtime", "generation_kinds", "variant", "variants", "grid",
+           "catalogue_names", "CATALOGUE", "TOMESD",
            "build_model", "graphprune_variant"]

@@ -84,10 +84,11 @@ def attention_call(site: AttentionSite) -> Callable[..., torch.Tensor]:
     """The canonical attention of a proved site as a graph function:
     ``(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None) -> (B, Lq, Cout)`` on tokens."""
     cols = (site.q.columns, site.k.columns, site.v.columns)
+    heads, head_dim, scale = site.heads, site.head_dim, site.scale  # plain values only: the closure is its identity
 
     def attend(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None):
-        return canonical_attention(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, cols=cols, heads=site.heads,
-                                   head_dim=site.head_dim, scale=site.scale, key_bias=key_bias)
+        return canonical_attention(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, cols=cols, heads=heads,
+                                   head_dim=head_dim, scale=scale, key_bias=key_bias)
 
     return named(attend, "graphprune_attention")
 
