@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from . import standins  # noqa: F401  (Dynamo stand-ins for untraceable attention contexts, registered on import)
 from .backend import compile, graphprune_backend, last_report
 from .config import PruneConfig, config_to_dict
 from .methods import (AtEdmConfig, CachingConfig, CaToMeConfig, DaToConfig, DeepCacheConfig, RandomConfig, SiToConfig,

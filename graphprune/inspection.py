@@ -27,6 +27,7 @@ import torch
 from .backend import graphprune_backend
 from .config import PruneConfig, config_to_dict
 from .methods import parse_options
+from .passes.coverage import check_coverage, graph_break_counts
 from .progress import stage
 from .report import GraphReport, InspectReport
 from .runtime import StepRuntime, Tracked, runtimes
@@ -119,10 +120,10 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
     shadow = meta_copy(_module(model)).eval()
     graphs: list[GraphReport] = []
     described: list[dict[str, Any]] = []
-    traced: list[torch.fx.GraphModule] = []
+    traced: list[tuple[torch.fx.GraphModule, list[Any]]] = []  # as Dynamo handed them (for the coverage check)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        traced.append(gm)
+        traced.append((gm, list(example_inputs)))
         fn = graphprune_backend(gm, example_inputs, options=config, reports=graphs, register_runtime=False)
         if isinstance(fn, StepRuntime):
             fn.build_variants()  # eager: the shallow graph too, without running it
@@ -131,12 +132,12 @@ def inspect(model: Any, *args: Any, options: dict[str, Any] | PruneConfig | None
         return gm.forward  # the traced graph on meta tensors: shapes only
 
     entry = torch.compile(_fresh_entry(shadow), backend=backend, dynamic=False)
+    breaks_before = graph_break_counts()
     with torch.no_grad(), stage(f"trace {type(shadow).__name__} on the meta device and match its attention"):
         entry(*to_meta(args), **to_meta(kwargs))
-    if len(traced) > 1:
-        notes.append(f"Dynamo split the call into {len(traced)} graphs (graph breaks); see "
-                     "torch._dynamo.explain(model)(...) for where")
-    return InspectReport(graphs=graphs, runtimes=[d for d in described if d.get("runtime") != "none"], notes=notes)
+    coverage = check_coverage(shadow, traced, breaks_before)  # graph breaks, attention no graph proves
+    return InspectReport(graphs=graphs, runtimes=[d for d in described if d.get("runtime") != "none"], notes=notes,
+                         coverage=coverage)
 
 
 __all__ = ["inspect", "meta_copy", "to_meta", "compiled_configs"]

@@ -101,6 +101,8 @@ class InspectReport:
     runtimes: list[dict[str, Any]] = field(default_factory=list)
     #: notes printed under the table (e.g. what was looked up, graph breaks)
     notes: list[str] = field(default_factory=list)
+    #: graph breaks and attention modules no graph proves (:class:`graphprune.passes.coverage.CoverageReport`)
+    coverage: Any = None
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -151,9 +153,12 @@ class InspectReport:
                 runs = "the whole graph" if v["kind"] == "full" else ", ".join(v["modules"])
                 lines.append(f"  variant {v['kind']}: {v['ops']} ops, {v['pruned_sites']} pruned site(s) "
                              f"(N->K {v['budgets']}), {v['calls']} call(s); runs {runs}")
+        if self.coverage is not None and not self.coverage.complete:
+            lines.append(str(self.coverage))
         lines += self.notes
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"graphs": [g.to_dict() for g in self.graphs], "runtimes": self.runtimes, "notes": self.notes,
-                "verdict": self.verdict()}
+                "verdict": self.verdict(),
+                "coverage": self.coverage.to_dict() if self.coverage is not None else None}

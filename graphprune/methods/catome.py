@@ -189,7 +189,7 @@ class CaToMe(TokenMethod[CaToMeConfig]):
         ranks = torch.arange(S, device=metric.device)
         if not config.exact:  # a fixed count per site (the variant's bucket); T only calibrated it
             merge = (ranks < geo.bucket).expand(B, S)
-            safe = torch.tensor(geo.bucket, device=metric.device)
+            safe = count.new_full((), geo.bucket)  # derived from count: a fake tensor under fake mode too
         elif config.threshold_rule == "batch-max":  # official: one r for the batch, every row merges its top r
             r = count.max()
             merge = (ranks < r).expand(B, S)

@@ -34,6 +34,9 @@ def _ops(*names: str) -> set[Any]:
 
 
 LINEAR = {torch._C._nn.linear, F.linear} | _ops("aten.linear.default")
+CONV = {torch.conv1d, torch.conv2d, F.conv1d, F.conv2d} | _ops(
+    "aten.conv1d.default", "aten.conv2d.default", "aten.convolution.default")
+EINSUM = {torch.einsum, torch.functional.einsum} | _ops("aten.einsum.default")
 SDPA = {F.scaled_dot_product_attention} | _ops("aten.scaled_dot_product_attention.default")
 SDPA_TUPLE = _ops(
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
@@ -45,14 +48,18 @@ MATMUL = {torch.matmul, operator.matmul, torch.bmm} | _ops("aten.matmul.default"
 BADDBMM = {torch.baddbmm} | _ops("aten.baddbmm.default")
 SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax} | _ops("aten._softmax.default", "aten.softmax.int")
 LAYER_NORM = {F.layer_norm} | _ops("aten.layer_norm.default")
+GROUP_NORM = {F.group_norm, torch.group_norm} | _ops("aten.group_norm.default", "aten.native_group_norm.default")
+CAT = {torch.cat, torch.concat, torch.concatenate} | _ops("aten.cat.default")
 LAYOUT = {
     torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.chunk, torch.split, torch.unbind,
-    torch.squeeze, torch.unsqueeze, operator.getitem, torch.Tensor.view, torch.Tensor.reshape,
+    torch.squeeze, torch.unsqueeze, operator.getitem, torch.Tensor.view, torch.Tensor.reshape, torch.movedim,
+    torch.moveaxis, torch.swapaxes, torch.swapdims, torch.unflatten, torch.narrow,
 } | _ops(
     "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.transpose.int",
     "aten.permute.default", "aten.t.default", "aten.flatten.using_ints", "aten.unflatten.int", "aten.chunk.default",
     "aten.split.Tensor", "aten.split_with_sizes.default", "aten.unbind.int", "aten.squeeze.dim",
-    "aten.unsqueeze.default", "aten.slice.Tensor", "aten.select.int", "aten.contiguous.default",
+    "aten.unsqueeze.default", "aten.slice.Tensor", "aten.select.int", "aten.contiguous.default", "aten.movedim.int",
+    "aten.narrow.default",
 )
 CAST = {torch.clone} | _ops(
     "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout", "aten.clone.default", "aten.alias.default",
@@ -69,7 +76,8 @@ ASSERTS = _ops("aten._assert_tensor_metadata.default", "aten._assert_scalar.defa
                "aten.sym_constrain_range_for_size.default")
 
 LAYOUT_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "chunk", "split",
-                  "unbind", "squeeze", "unsqueeze", "t", "__getitem__"}
+                  "unbind", "squeeze", "unsqueeze", "t", "__getitem__", "movedim", "moveaxis", "swapaxes", "swapdims",
+                  "narrow"}
 CAST_METHODS = {"to", "float", "half", "bfloat16", "double", "type", "clone", "detach", "type_as"}
 SCALE_METHODS = {"mul", "div", "__mul__", "__truediv__"}
 MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
@@ -87,8 +95,8 @@ def assert_users(node: Node) -> list[Node]:
 
 
 def op_kind(node: Node) -> str | None:
-    """The role of ``node``: linear, sdpa, sdpa_tuple, matmul, baddbmm, softmax, layer_norm, layout, cast,
-    dropout, scale, add; ``None`` for anything else."""
+    """The role of ``node``: linear, conv, sdpa, sdpa_tuple, matmul, baddbmm, einsum, softmax, layer_norm,
+    group_norm, cat, layout, cast, dropout, scale, add, setitem; ``None`` for anything else."""
     if node.op == "call_method":
         name = node.target
         if name in LAYOUT_METHODS:
@@ -101,17 +109,125 @@ def op_kind(node: Node) -> str | None:
             return "matmul"
         if name == "softmax":
             return "softmax"
+        if name == "baddbmm":
+            return "baddbmm"
         if name in ADD_METHODS:
             return "add"
         return None
     if node.op != "call_function":
         return None
     t = node.target
-    for kind, table in (("linear", LINEAR), ("sdpa", SDPA), ("sdpa_tuple", SDPA_TUPLE), ("matmul", MATMUL),
-                        ("baddbmm", BADDBMM), ("softmax", SOFTMAX), ("layer_norm", LAYER_NORM), ("layout", LAYOUT),
+    for kind, table in (("linear", LINEAR), ("conv", CONV), ("sdpa", SDPA), ("sdpa_tuple", SDPA_TUPLE),
+                        ("matmul", MATMUL), ("baddbmm", BADDBMM), ("einsum", EINSUM), ("softmax", SOFTMAX),
+                        ("layer_norm", LAYER_NORM), ("group_norm", GROUP_NORM), ("cat", CAT), ("layout", LAYOUT),
                         ("cast", CAST), ("dropout", DROPOUT), ("scale", SCALE), ("add", ADD)):
         if t in table:
             return kind
+    return "setitem" if t is operator.setitem else None
+
+
+def describe(node: Any) -> str:
+    """A node as a reason names it: ``linear_3 (linear)``, ``graph input l_q_``, never an object address."""
+    if not isinstance(node, Node):
+        return repr(node)
+    if node.op == "placeholder":
+        return f"graph input {node.name}"
+    if node.op == "get_attr":
+        return f"attribute {node.target}"
+    if node.op in ("call_function", "call_method"):
+        name = target_name(node)
+        return node.name if node.name.rstrip("_0123456789") == name else f"{node.name} ({name})"
+    return f"{node.op} {node.name}"
+
+
+def describe_chain(chain: Sequence[Node]) -> str:
+    """The ops of a walked chain, in order (``view -> transpose``), or ``no op`` for an empty one."""
+    return " -> ".join(target_name(n) for n in chain) or "no op"
+
+
+def _einsum_operands(node: Node) -> tuple[str, list[Any]] | None:
+    args = list(node.args)
+    if not args or not isinstance(args[0], str):
+        return None
+    equation, rest = args[0], args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):  # einsum(eq, [a, b]) and aten.einsum(eq, [a, b])
+        rest = list(rest[0])
+    return equation, rest
+
+
+def _expand_einsum(equation: str, ranks: Sequence[int]) -> tuple[list[str], str] | None:
+    """Operand and output index strings of an einsum equation with ``...`` expanded to fresh letters."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    fresh = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    ell = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    if ell < 0 or ell > len(fresh):
+        return None
+    filler = "".join(fresh[:ell])
+    expanded = []
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            n = r - len(t.replace("...", ""))
+            t = t.replace("...", filler[ell - n:])
+        if len(t) != r or not t.isalpha():
+            return None
+        expanded.append(t)
+    if arrow:
+        out = rhs.replace("...", filler)
+    else:  # implicit output: the letters seen once, in alphabetical order, after the broadcast dims
+        counts = {c: sum(t.count(c) for t in expanded) for c in set("".join(expanded))}
+        out = filler + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in filler))
+    return expanded, out
+
+
+def contraction(node: Node) -> tuple[list[Node], list[str], str] | None:
+    """A two-operand product in einsum notation: (operands, their index strings, the output's), e.g. a bmm is
+    ``([a, b], ["Aij", "Ajk"], "Aik")`` and ``einsum("b i d, b j d -> b i j", q, k)`` is ``([q, k], ["bid", "bjd"],
+    "bij")``. Covers matmul, bmm, baddbmm (its two matrices) and two-operand einsum; None for anything else,
+    broadcasting matmuls or repeated indices within one operand."""
+    kind = op_kind(node)
+    if kind == "einsum":
+        parsed = _einsum_operands(node)
+        if parsed is None or len(parsed[1]) != 2 or not all(isinstance(a, Node) for a in parsed[1]):
+            return None
+        ranks = [len(tensor_shape(a) or ()) for a in parsed[1]]
+        letters = _expand_einsum(parsed[0], ranks)
+        if letters is None:
+            return None
+        terms, out = letters
+        if any(len(set(t)) != len(t) for t in terms + [out]):
+            return None
+        return list(parsed[1]), terms, out
+    if kind in ("matmul", "baddbmm"):
+        a, b = (node.args[0], node.args[1]) if kind == "matmul" else (node.args[1], node.args[2])
+        ranks = {len(tensor_shape(x) or ()) for x in (a, b, node) if isinstance(x, Node)}
+        if not (isinstance(a, Node) and isinstance(b, Node)) or len(ranks) != 1 or min(ranks) < 2:
+            return None
+        batch = "ABCDEFGH"[:ranks.pop() - 2]
+        return [a, b], [batch + "ij", batch + "jk"], batch + "ik"
+    return None
+
+
+def conv_is_pointwise(node: Node) -> str | None:
+    """Why a convolution node is not a per-position linear (None: a 1x1 kernel, stride 1, no padding, no dilation,
+    one group, not transposed), i.e. it equals ``F.linear`` on the tokens of its channel-first input."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups") \
+        if target_name(node) == "convolution.default" else ("input", "weight", "bias", "stride", "padding",
+                                                              "dilation", "groups")
+    a = named_args(node, names)
+    wshape = tensor_shape(a.get("weight"))
+    if wshape is None or any(k != 1 for k in wshape[2:]):
+        return f"{describe(node)} has kernel {tuple(wshape[2:]) if wshape else '?'} (a projection is 1x1)"
+    def ones(v: Any) -> bool:
+        return v is None or all(x == 1 for x in (v if isinstance(v, (list, tuple)) else [v]))
+    def zeros(v: Any) -> bool:
+        return v is None or v == "valid" or all(x == 0 for x in (v if isinstance(v, (list, tuple)) else [v]))
+    if not (ones(a.get("stride")) and ones(a.get("dilation")) and zeros(a.get("padding"))
+            and a.get("groups", 1) in (1, None) and not a.get("transposed", False)):
+        return f"{describe(node)} is strided, padded, dilated, grouped or transposed"
     return None
 
 
@@ -180,7 +296,10 @@ SDPA_TUPLE_ARGS = ("query", "key", "value", "dropout_p", "is_causal")
 
 _ELEMENTWISE = {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "add", "sub", "div", "neg", "exp", "pow",
                 "square", "rsqrt", "sqrt", "softplus", "mish", "erf", "gelu.default", "silu.default", "mul.Tensor",
-                "add.Tensor", "sub.Tensor", "div.Tensor", "contiguous", "contiguous.default", "clone"}
+                "add.Tensor", "sub.Tensor", "div.Tensor", "contiguous", "contiguous.default", "clone"} | \
+    {"iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_"}
+#: elementwise ops that write into their first operand (ComfyUI's ``x += n`` residuals)
+INPLACE = {"iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_"}
 _CHANNEL_SPLITS = {"chunk", "split", "chunk.default", "split.Tensor", "split_with_sizes.default"}
 
 
@@ -222,8 +341,9 @@ def not_tokenwise(n: Node) -> str | None:
 def replay(chain: Sequence[Node], start: Node, value: torch.Tensor) -> torch.Tensor | None:
     """Run ``chain`` (layout/cast/scale/dropout nodes in order, fed by ``start``) on a concrete tensor.
 
-    Casts, identity dropouts and scalings are identities here (they do not move elements). Returns None if a
-    node needs a Node argument other than the chain's own values.
+    Casts, identity dropouts and scalings are identities here (they do not move elements; their result is
+    contiguous, so a later ``view`` replays as it ran). Returns None if a node needs a Node argument other than the
+    chain's own values.
     """
     env: dict[Node, Any] = {start: value}
 
@@ -239,8 +359,8 @@ def replay(chain: Sequence[Node], start: Node, value: torch.Tensor) -> torch.Ten
     try:
         for node in chain:
             kind = op_kind(node)
-            if kind in ("cast", "scale", "dropout"):
-                env[node] = env[tensor_input(node)]
+            if kind in ("cast", "scale", "dropout"):  # a fresh (contiguous) tensor of the same values, as in the graph
+                env[node] = env[tensor_input(node)].contiguous()
                 continue
             args, kwargs = sub(node.args), {k: sub(v) for k, v in node.kwargs.items()}
             if node.op == "call_method":
@@ -299,30 +419,21 @@ def chain_signature(chain: Sequence[Node], start: Node) -> Hashable:
     return tuple(sig)
 
 
-_PROOFS: "collections.OrderedDict[Hashable, int | None]" = collections.OrderedDict()
+_PROOFS: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
 _PROOF_CACHE_SIZE = 1024
 
 
-def first_layout_match(chain: Sequence[Node], start: Node, shape: Sequence[int],
-                       candidates: Sequence[tuple[Hashable, Callable[[torch.Tensor], torch.Tensor]]]) -> int | None:
-    """Replay ``chain`` (fed by ``start`` of ``shape``) on an index tensor and return the position of the first
-    candidate layout it equals exactly (each candidate: (a key naming it, probe -> the wanted tensor)), or None.
-
-    The verdict is memoized by the chain's signature, the shape and the candidates' keys: a model repeats the same
-    few layouts in every block, and the index tensors of large attentions (tens of MB) are what proving costs."""
-    key = (chain_signature(chain, start), tuple(shape), tuple(k for k, _ in candidates))
+def memo_proof(key: Hashable, prove: Callable[[], Any]) -> Any:
+    """``prove()``, memoized by ``key``: a layout proof's verdict, keyed by what determines it (a tag, the chain's
+    :func:`chain_signature`, the shapes and the canonical layout's parameters). A model repeats the same few layouts
+    in every block, and replaying them on index tensors (tens of MB for large attentions) is what proving costs."""
     if key in _PROOFS:
         _PROOFS.move_to_end(key)
         return _PROOFS[key]
-    probe = index_tensor(shape)
-    got = replay(chain, start, probe)
-    found = None
-    if got is not None:
-        found = next((i for i, (_, want) in enumerate(candidates) if same(got, want(probe))), None)
-    _PROOFS[key] = found
+    value = _PROOFS[key] = prove()
     if len(_PROOFS) > _PROOF_CACHE_SIZE:
         _PROOFS.popitem(last=False)
-    return found
+    return value
 
 
 def index_tensor(shape: Sequence[int]) -> torch.Tensor:

@@ -33,8 +33,8 @@ from ..config import PruneConfig
 from ..methods.base import RandomSpec, SiteGeometry, SiteSkip, TokenMethod
 from ..report import SiteReport
 from .match import AttentionSite, TransformerStack, find_transformer_stacks, module_path
-from .ops import node_val, not_tokenwise, real_users, tensor_shape
-from .splice import Splicer, attention_call, gate, named, projection_weights, token_calls
+from .ops import INPLACE, describe, node_val, not_tokenwise, real_users, target_name, tensor_shape
+from .splice import Splicer, attention_call, gate, named, projection_weights, take_columns, token_calls
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def find_region(graph: Graph, stack: TransformerStack, sites: list[AttentionSite
     """The region of ``stack`` for this method and config, or the reason there is none."""
     L = len(stack.layers)
     rank_site = None
+    if any(sites[i].channels_first for i in stack.self_sites + stack.cross_sites if i is not None):
+        return "channel-first (1x1 conv) attention: the region form runs (B, N, C) token layers only"
     if method.plan_source == "attention":
         p = getattr(config, "prune_layer", 1)
         if p > L:
@@ -132,6 +134,11 @@ def find_region(graph: Graph, stack: TransformerStack, sites: list[AttentionSite
             return f"attention {s.module_path} is only partly inside the span"
         internal |= s.internal
     for n in body_set:
+        mutated = n.args[0] if target_name(n) in INPLACE and n.args else None
+        if isinstance(mutated, Node) and mutated not in body_set:  # the span writes into a tensor from outside it
+            later = [u for u in real_users(mutated) if u not in body_set and order[u] > order[n]]
+            if later:
+                return f"{describe(n)} writes into {mutated.name}, which {describe(later[0])} reads after the span"
         if n is not end:
             escaped = [u for u in real_users(n) if u not in body_set]
             if escaped:
@@ -250,8 +257,8 @@ def _insert_region_plan(sp: Splicer, region: Region, rank: AttentionSite | None,
     state = [context[name] for name in method.context_inputs]
     name = f"graphprune_{method.name}_plan"
     if rank is not None:
-        (qs, qw), (ks, kw) = (rank.q.start, rank.q.width), (rank.k.start, rank.k.width)
-        plan_fn = named(lambda qf, kf, *r: method.plan(config, geo, qf[..., qs:qs + qw], kf[..., ks:ks + kw], *r),
+        qc, kc = rank.q.columns, rank.k.columns
+        plan_fn = named(lambda qf, kf, *r: method.plan(config, geo, take_columns(qf, qc), take_columns(kf, kc), *r),
                         name)
         plan_args = (rank.q.linear, rank.k.linear, *state, *rand_nodes)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -35,7 +36,7 @@ from ..report import GraphReport, SiteReport
 from .match import AttentionSite, downsample_levels, find_attention_sites, module_path
 from .ops import node_val, not_tokenwise, real_users, tensor_shape
 from .region import rewrite_regions
-from .splice import Splicer, attention_call, gate, named, projection_weights, token_calls
+from .splice import Splicer, as_output_of, as_tokens, attention_call, gate, named, projection_weights, token_calls
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,16 @@ def insert_plan(pw: _Pass, site: AttentionSite, geo: SiteGeometry) -> Node:
             pw.refresh_flag = sp.placeholder("graphprune_refresh", StateSpec("refresh", (), torch.bool), device)
         pw.result.state_sites.append((site.module_path, specs))
     rand_nodes = pw.random_placeholders(method.random_inputs(config, geo) if mode != "consume" else (), device)
-    if mode == "consume":
-        args: tuple[Any, ...] = tuple(state_nodes)
-    elif mode == "select":
-        args = (pw.refresh_flag, site.metric, *state_nodes, *rand_nodes)
-    else:
-        args = (site.metric, *[pw.context[name] for name in method.context_inputs], *rand_nodes)
     order = {n: k for k, n in enumerate(sp.graph.nodes)}
     first = min((site.q.linear, site.k.linear, site.v.linear), key=order.__getitem__)
     with sp.graph.inserting_before(first):  # dominates this layer's attention, cross-attention and FF
+        metric = as_tokens(sp, site.metric, site.channels_first, site.x) if mode != "consume" else site.metric
+        if mode == "consume":
+            args: tuple[Any, ...] = tuple(state_nodes)
+        elif mode == "select":
+            args = (pw.refresh_flag, metric, *state_nodes, *rand_nodes)
+        else:
+            args = (metric, *[pw.context[name] for name in method.context_inputs], *rand_nodes)
         plan = sp.call(_plan_call(method, config, geo, mode), args, site.x)
         if mode in ("produce", "select"):
             carried = sp.call(named(lambda p, _geo=geo: tuple(method.state_of(config, _geo, p)),
@@ -137,18 +139,19 @@ def insert_plan(pw: _Pass, site: AttentionSite, geo: SiteGeometry) -> Node:
 
 def splice_attention(sp: Splicer, site: AttentionSite, plan: Node, method: TokenMethod, config: PruneConfig
                      ) -> None:
-    """Replace one attention (self or cross) by reduce -> canonical attention -> restore."""
+    """Replace one attention (self or cross) by reduce -> canonical attention -> restore (on tokens; a 1x1-conv site's
+    channel-first input is flattened first and its output laid out as the conv's)."""
     reduce, restore = token_calls(method, config)
     out = site.out.linear
     with sp.graph.inserting_before(out):
-        xk = sp.call(reduce, (plan, site.x), out)
-        kv = xk if site.kind == "self" else site.context
+        xk = sp.call(reduce, (plan, as_tokens(sp, site.x, site.channels_first, out)), out)
+        kv = xk if site.kind == "self" else as_tokens(sp, site.context, site.k.conv, out)
         bias = ()
         if method.masks_keys and site.kind == "self" and method.uses_key_bias(config):  # CA-ToMe's optional merges
             bias = (sp.call(named(lambda p: method.key_bias(config, p), f"graphprune_{method.name}_key_bias"),
                             (plan,), out),)
         y = sp.call(attention_call(site), (xk, kv, *projection_weights(site), *bias), out)
-        back = sp.call(restore, (plan, y), out)
+        back = as_output_of(sp, sp.call(restore, (plan, y), out), site.out)
     out.replace_all_uses_with(back)
     sp.erase(site.internal | {out})
 
@@ -160,8 +163,9 @@ def splice_kv_attention(sp: Splicer, site: AttentionSite, plan: Node, method: To
     reduce, _ = token_calls(method, config)
     out = site.out.linear
     with sp.graph.inserting_before(out):
-        xkv = sp.call(reduce, (plan, site.x), out)
-        y = sp.call(attention_call(site), (site.x, xkv, *projection_weights(site)), out)
+        x = as_tokens(sp, site.x, site.channels_first, out)
+        xkv = sp.call(reduce, (plan, x), out)
+        y = as_output_of(sp, sp.call(attention_call(site), (x, xkv, *projection_weights(site)), out), site.out)
     out.replace_all_uses_with(y)
     sp.erase(site.internal | {out})
 
@@ -225,7 +229,8 @@ def _splice_site(pw: _Pass, i: int, site: AttentionSite, plan: Node, rep: SiteRe
             reports[j].reason = f"queries {site.N} -> {rep.K} with the plan of {site.module_path}"
     if "ff" in config.scope:
         ff_path = site.block_path + ".ff"
-        span = feedforward_span(sp.graph, ff_path)
+        span = feedforward_span(sp.graph, ff_path) if not site.channels_first else \
+            "a channel-first (1x1 conv) attention block has no token feed-forward"
         ff_rep = SiteReport(module_path=ff_path, kind="ff", N=site.N, C=site.C, grid=site.grid, level=rep.level,
                             K=rep.K)
         if isinstance(span, str):
@@ -282,7 +287,7 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
             if verdict:
                 rep.status, rep.reason = verdict
                 continue
-            geo = SiteGeometry(B=site.B, N=site.N, C=tensor_shape(site.metric)[-1], H=site.grid[0], W=site.grid[1],
+            geo = SiteGeometry(B=site.B, N=site.N, C=site.C, H=site.grid[0], W=site.grid[1],
                                level=levels[i], bucket=pw.site_buckets.get(site.module_path, 0))
             try:
                 rep.K = method.budget(config, geo)
@@ -303,8 +308,9 @@ def prune_graph(gm: GraphModule, config: PruneConfig, method: TokenMethod, conte
         gm.recompile()
     log.info("%s", result.report.summary())
     if warn_unpruned and not result.changed and method.unchanged_reason(config) is None:
-        _warn_unpruned(result.report, len(block_reports) if config.scope == ("block",) else
-                       sum(1 for s in sites if s.kind == "self"), len(unmatched))
+        block = config.scope == ("block",)
+        _warn_unpruned(result.report, len(block_reports) if block else sum(1 for s in sites if s.kind == "self"),
+                       len(unmatched), "transformer stack(s)" if block else "self-attention site(s)")
     return result
 
 
@@ -324,11 +330,13 @@ def _finish_report(result: RewriteResult, config: PruneConfig, sites: list[Atten
     report.random_inputs = len(result.random_inputs)
 
 
-def _warn_unpruned(report: GraphReport, n_self: int, n_unmatched: int) -> None:
+def _warn_unpruned(report: GraphReport, n_self: int, n_unmatched: int, what: str = "self-attention site(s)") -> None:
     reasons = sorted({r.reason for r in report.sites if r.kind in ("self", "?", "block")})
-    log.warning("graphprune: nothing pruned in this graph (%d self-attention site(s), %d unmatched)%s",
-                n_self, n_unmatched, ": " + "; ".join(reasons[:3]) if reasons else
-                ": no attention found (is this a diffusion model with self-attention?)")
+    why = ": " + "; ".join(reasons[:3]) if reasons else ": no attention found (is this a diffusion model with " \
+        "self-attention?)"
+    # a warning the user sees (not only a log line): pruning was asked for and this graph runs unpruned
+    warnings.warn(f"graphprune: nothing pruned in this graph ({n_self} {what}, {n_unmatched} unmatched){why}; "
+                  "graphprune.inspect(model) lists every site and its reason", stacklevel=2)
 
 
 __all__ = ["prune_graph", "insert_plan", "splice_attention", "splice_kv_attention", "splice_feedforward",

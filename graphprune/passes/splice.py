@@ -26,30 +26,42 @@ from .ops import assert_users, node_val
 GRID_UNKNOWN = "token grid unknown (no (B, C, H, W) -> (B, H*W, C) flattening found)"
 
 
+def take_columns(t: torch.Tensor, cols: slice | tuple[int, ...]) -> torch.Tensor:
+    """``t[..., cols]`` for a slice or for row indices in head order (a constant index inside the graph)."""
+    if isinstance(cols, slice):
+        return t[..., cols]
+    return t.index_select(-1, torch.tensor(cols, device=t.device))
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cols: slice | tuple[int, ...]) -> torch.Tensor:
+    """x (B, L, C) -> (B, L, width): the columns ``cols`` of a projection. A 1x1 conv kernel (F, C, 1[, 1]) is the
+    linear weight (F, C) on tokens."""
+    if w.dim() > 2:
+        w = w.flatten(1)
+    if cols != slice(0, w.shape[0]):
+        w = take_columns(w.transpose(0, 1), cols).transpose(0, 1)  # rows of the weight = output columns
+        b = take_columns(b, cols) if b is not None else None
+    return F.linear(x, w, b)
+
+
 def canonical_attention(xq: torch.Tensor, xkv: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None,
                         wk: torch.Tensor, bk: torch.Tensor | None, wv: torch.Tensor, bv: torch.Tensor | None,
-                        wo: torch.Tensor, bo: torch.Tensor | None, *, cols: tuple[tuple[int, int], ...], heads: int,
-                        head_dim: int, scale: float, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+                        wo: torch.Tensor, bo: torch.Tensor | None, *, cols: tuple[slice | tuple[int, ...], ...],
+                        heads: int, head_dim: int, scale: float, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention with out projection. xq: (B, Lq, C), xkv: (B, Lk, Ckv) -> (B, Lq, Cout).
 
-    ``cols`` holds (start, width) of the q, k, v rows of their weight (a fused qkv linear passes the same weight
-    three times with different starts). ``key_bias`` (B, 1, 1, Lk): added to the logits (-inf hides a key).
+    ``cols`` holds the output columns of the q, k, v projections (a slice, or row indices in head order; a fused qkv
+    projection passes the same weight three times). Weights may be 1x1 conv kernels (a linear on tokens).
+    ``key_bias`` (B, 1, 1, Lk): added to the logits (-inf hides a key).
     """
-
-    def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, start: int, width: int) -> torch.Tensor:
-        if start != 0 or width != w.shape[0]:
-            w = w[start:start + width]
-            b = b[start:start + width] if b is not None else None
-        return F.linear(x, w, b)
-
     B, Lq, _ = xq.shape
     Lk = xkv.shape[1]
-    q = project(xq, wq, bq, *cols[0]).view(B, Lq, heads, head_dim).transpose(1, 2)
-    k = project(xkv, wk, bk, *cols[1]).view(B, Lk, heads, head_dim).transpose(1, 2)
-    v = project(xkv, wv, bv, *cols[2]).view(B, Lk, heads, head_dim).transpose(1, 2)
+    q = _project(xq, wq, bq, cols[0]).view(B, Lq, heads, head_dim).transpose(1, 2)
+    k = _project(xkv, wk, bk, cols[1]).view(B, Lk, heads, head_dim).transpose(1, 2)
+    v = _project(xkv, wv, bv, cols[2]).view(B, Lk, heads, head_dim).transpose(1, 2)
     mask = key_bias.to(q.dtype) if key_bias is not None else None
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.linear(o.transpose(1, 2).reshape(B, Lq, heads * head_dim), wo, bo)
+    return F.linear(o.transpose(1, 2).reshape(B, Lq, heads * head_dim), wo.flatten(1) if wo.dim() > 2 else wo, bo)
 
 
 def named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -70,14 +82,31 @@ def projection_weights(site: AttentionSite) -> tuple[Node | None, ...]:
 
 def attention_call(site: AttentionSite) -> Callable[..., torch.Tensor]:
     """The canonical attention of a proved site as a graph function:
-    ``(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None) -> (B, Lq, Cout)``."""
-    cols = ((site.q.start, site.q.width), (site.k.start, site.k.width), (site.v.start, site.v.width))
+    ``(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None) -> (B, Lq, Cout)`` on tokens."""
+    cols = (site.q.columns, site.k.columns, site.v.columns)
 
     def attend(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, key_bias=None):
         return canonical_attention(xq, xkv, wq, bq, wk, bk, wv, bv, wo, bo, cols=cols, heads=site.heads,
                                    head_dim=site.head_dim, scale=site.scale, key_bias=key_bias)
 
     return named(attend, "graphprune_attention")
+
+
+def as_tokens(sp: "Splicer", node: Node, channels_first: bool, stack_from: Node | None = None) -> Node:
+    """``node`` as (B, N, C) tokens: itself, or (``channels_first``) the flattening of a (B, C, *spatial) map that a
+    1x1 conv projection reads, inserted at the current insertion point."""
+    if not channels_first:
+        return node
+    return sp.call(named(lambda m: m.flatten(2).transpose(1, 2), "graphprune_tokens"), (node,), stack_from)
+
+
+def as_output_of(sp: "Splicer", y: Node, out: Projection) -> Node:
+    """The (B, N, Cout) tokens ``y`` laid out as ``out``'s result: itself for a linear, the (B, Cout, *spatial) map
+    for a 1x1 conv out projection."""
+    if not out.conv:
+        return y
+    shape = tuple(node_val(out.linear).shape)
+    return sp.call(named(lambda t: t.transpose(1, 2).reshape(shape), "graphprune_channels_first"), (y,), out.linear)
 
 
 def token_calls(method: TokenMethod, config: PruneConfig) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -166,5 +195,5 @@ class Splicer:
                 self.graph.erase_node(n)
 
 
-__all__ = ["canonical_attention", "named", "weights", "projection_weights", "attention_call", "token_calls", "gate",
-           "Splicer", "GRID_UNKNOWN"]
+__all__ = ["canonical_attention", "take_columns", "named", "weights", "projection_weights", "attention_call",
+           "as_tokens", "as_output_of", "token_calls", "gate", "Splicer", "GRID_UNKNOWN"]
