@@ -163,6 +163,10 @@ class ParetoOptions(BenchOptions):
                                           group="what to sweep")
     ratios: tuple[float, ...] = opt((0.3, 0.5, 0.7), "comma-separated ratios (fraction of tokens removed)",
                                     group="what to sweep")
+    variants: tuple[str, ...] | None = opt(None, "comma-separated variants measured instead of --methods x "
+                                           "--ratios (graphprune bench variants lists them; METHOD:key=value:... "
+                                           "for any graphprune options, e.g. tome:ratio=0.5:scope=block; "
+                                           "tomesd<ratio> for tomesd)", group="what to sweep")
     tomesd: bool = opt(True, "leave out the tomesd curve", group="what to sweep")
     tomesd_inductor: bool = opt(False, "also time tomesd's copy under torch.compile", group="what to sweep")
     latent: int = opt(64, "latent height and width", group="the loop")
@@ -211,6 +215,15 @@ class ParetoOptions(BenchOptions):
 
     def check(self) -> None:
         resolve_methods(self.methods)
+        if self.variants is not None:
+            if not self.variants:
+                raise ValueError("--variants is empty")
+            from .variants import variants as named_variants
+
+            named_variants(self.variants)  # ValueError naming the catalogue / the valid options
+            if self.model:
+                raise ValueError("--variants sweeps a built-in architecture (--arch); with --model use --methods "
+                                 "and --ratios")
         if not self.ratios:
             raise ValueError("--ratios is empty")
         self.protocol().check(min_warmup=1, max_calls=DISTINCT_TIMESTEPS)

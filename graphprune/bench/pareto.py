@@ -42,6 +42,7 @@ from .options import ParetoOptions, resolve_methods
 from .sweep import sweep_header, time_point, unpruned_timer
 from .timing import PairedTimer, reset, torch_setup
 from .variants import TOMESD, Variant, build_model, grid
+from .variants import variants as named_variants
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,12 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     header["scheduler"] = SD_SCHEDULER
     log.info("%s", format_header(header))
 
-    variants = grid(methods, opts.ratios, opts.tomesd)
+    if opts.variants:  # an explicit list (configs beyond method x ratio): each point its own curve
+        variants = named_variants(opts.variants)
+        curves = {v.label: v.label for v in variants}
+    else:
+        variants = grid(methods, opts.ratios, opts.tomesd)
+        curves = {}
     if type(model).__name__ != "UNet2DConditionModel":
         for v in variants:
             if v.method == TOMESD:
@@ -111,6 +117,8 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
 
     for v in tqdm(variants, desc="variants", unit="variant"):
         point: dict[str, Any] = {"label": v.label, "method": v.method, "ratio": v.ratio, "options": v.options}
+        if v.label in curves:
+            point["curve"] = curves[v.label]
         if v.error:
             point["error"] = v.error
             result["points"].append(point)
