@@ -12,8 +12,11 @@ See benchmarks/README.md.
 import sys
 from pathlib import Path
 
-# import the graphprune of this checkout (not another installed copy)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# benchmarks/profile.py shadows the standard library's ``profile`` (which torch imports via cProfile): drop this
+# folder from the path, and import the graphprune of this checkout (not another installed copy)
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
 
 from graphprune.cli import main  # noqa: E402
 

@@ -181,6 +181,8 @@ BENCHMARKS = {
     "atedm": ("AtedmOptions", "AT-EDM vs ToMe and SiTo at equal FLOPs (scope=block) on the SDXL architecture"),
     "profile": ("ProfileOptions", "where the time of one call goes: self time per op of each variant "
                 "(torch.profiler, categories) and eager time per module with each config's time bound"),
+    "gpu": ("GpuOptions", "the one-command GPU run: per-call and 50-step times of SD1.5 (512x512) and SDXL "
+            "(1024x1024) in fp16, Inductor (and CUDA graphs) vs graphprune, tomesd, ToDo, deepcache; JSON + table"),
     "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
                "Inductor on CUDA"),
 }

@@ -404,6 +404,62 @@ class ExportOptions(BenchOptions):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# graphprune bench gpu
+
+GPU_CALL_VARIANTS = ("inductor", "inductor-cudagraphs", "tome0.5", "tome:ratio=0.5:scope=block", "todo:factor=2",
+                     "tomesd")
+GPU_STEP_VARIANTS = ("inductor", "inductor-cudagraphs", "deepcache3", "DeepCache3", "tome0.5")
+
+
+@dataclass
+class GpuOptions(BenchOptions):
+    """The one-command GPU run (:mod:`graphprune.bench.gpu`): per-call speed (``bench speed``) and whole loops
+    (``bench steps``) of each model, paired against Inductor, in fp16 on CUDA; JSON + a markdown table."""
+
+    models: tuple[str, ...] = opt(("sd15:64", "sdxl:128"), "comma-separated ARCH:LATENT (sd15:64 = 512x512 "
+                                  "images, sdxl:128 = 1024x1024)")
+    variants: tuple[str, ...] = opt(GPU_CALL_VARIANTS, "per-call variants (graphprune bench variants lists them; "
+                                    "METHOD:key=value:... for any graphprune options)")
+    step_variants: tuple[str, ...] = opt(GPU_STEP_VARIANTS, "variants of the whole-loop part (empty: skip it)")
+    steps: int = opt(50, "DDIM steps of a whole loop")
+    compiler: str = opt("inductor", "inductor (the protocol), or eager for a dry run on CPU: the baseline is then "
+                        "eager, inductor variants run Dynamo's eager backend, graphprune its graph without "
+                        "Inductor, peers' +inductor copies are left out", choices=("inductor", "eager"))
+    runs: int = opt(3, "timed calls per variant, each paired with a baseline call (median of the per-pair ratios)",
+                    group=PROTOCOL)
+    retries: int = opt(0, "repeat contended timed calls up to this often", group=PROTOCOL)
+    keep_inductor_cache: bool = opt(True, "use a fresh temporary Inductor cache (cold compiles; by default the "
+                                    "usual on-disk cache lets the loop part reuse the per-call part's kernels)",
+                                    group=PROTOCOL)
+    out: str = opt("results/gpu", "output folder (gpu.json, gpu.md, and each part's JSON)", short="-o")
+    quick: bool = opt(False, "dry run on CPU: --models tiny:16 --steps 2 --compiler eager --runs 1 --threads 1")
+
+    def __post_init__(self) -> None:
+        self.models, self.variants, self.step_variants = (tuple(self.models), tuple(self.variants),
+                                                          tuple(self.step_variants))
+        if self.quick:
+            self.models, self.steps, self.compiler, self.runs, self.retries = ("tiny:16",), 2, "eager", 1, 0
+            self.threads = self.threads or 1
+
+    def model_specs(self) -> list[tuple[str, int]]:
+        """``[(arch, latent), ...]`` from ``models``; ValueError naming the form."""
+        out = []
+        for spec in self.models:
+            arch, sep, latent = spec.partition(":")
+            if not sep or not latent.isdigit():
+                raise ValueError(f"--models: expected ARCH:LATENT (e.g. sd15:64), got {spec!r}")
+            out.append((arch, int(latent)))
+        return out
+
+    def check(self) -> None:
+        for arch, _ in self.model_specs():
+            _check_arch(arch)
+        if not self.models or not self.variants:
+            raise ValueError("--models and --variants must not be empty")
+        self.protocol().check(min_warmup=2, max_calls=DISTINCT_TIMESTEPS)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # graphprune bench profile
 
 PROFILE_VARIANTS = ("inductor", "tome0.5", "sito0.5", "tomesd")
@@ -445,4 +501,4 @@ class ProfileOptions(BenchOptions):
 
 
 __all__ = ["opt", "Protocol", "LoopSpec", "BenchOptions", "ParetoOptions", "SpeedOptions", "StepsOptions",
-           "AtedmOptions", "ExportOptions", "ProfileOptions", "resolve_methods", "arch_names", "baseline_of"]
+           "AtedmOptions", "ExportOptions", "ProfileOptions", "GpuOptions", "resolve_methods", "arch_names", "baseline_of"]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.base import runtimes
+from ..runtime.base import Runtime, runtimes
 from ..runtime.match_cache import MatchCacheRuntime
 from .calls import rel_error, with_sample_and_timestep
 from .ddim import ddim_loop, loop_start, loop_timesteps, make_scheduler
@@ -165,7 +165,11 @@ def measure(v: Variant, timer: PairedTimer, ctx: _Loop, unet: torch.nn.Module, d
 
 
 def _new_runtime(built: Built, before: set[int]) -> Any:
-    found = [r for r in runtimes(built.fn) if id(r) not in before] if built.helper is None else []
+    """The stateful graphprune runtime this variant made (None for a plain graph, a compiled function such as the
+    unpruned ``inductor`` variants, or a peer's helper)."""
+    if built.helper is not None or not isinstance(built.fn, torch.nn.Module):
+        return None
+    found = [r for r in runtimes(built.fn) if id(r) not in before and isinstance(r, Runtime)]
     return found[-1] if found else None
 
 
