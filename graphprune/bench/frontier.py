@@ -52,7 +52,7 @@ def error_value(point: dict[str, Any]) -> float:
 def finish(result: dict[str, Any], out: str | Path) -> None:
     """Mark the front (over the points and the unpruned baseline at (1, 0)), write table, JSON and plot."""
     pts = result["points"]
-    xy = [(p.get("speedup", math.nan), error_value(p)) for p in pts]
+    xy = [(math.nan if p.get("speedup") is None else p["speedup"], error_value(p)) for p in pts]  # None: not timed
     front = pareto_front([(1.0, 0.0)] + xy)
     result["baseline_on_front"] = front[0]
     for p, on in zip(pts, front[1:]):

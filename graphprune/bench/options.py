@@ -192,7 +192,8 @@ class ParetoOptions(BenchOptions):
                                 "between pruned and unpruned images", group="real weights (--model)")
     clip: str | None = opt(None, "local CLIP ViT-B/32 weights (torch-fidelity) for the Frechet distance in CLIP "
                            "feature space", group="real weights (--model)")
-    speed: bool = opt(True, "--model: skip the UNet timing", group="real weights (--model)")
+    speed: bool = opt(True, "skip the UNet timing (quality only; speedups then come from elsewhere, e.g. bench speed)",
+                      group=PROTOCOL)
     out: str = opt("results", "output folder (pareto.json, pareto.txt, pareto.png)", short="-o")
     quick: bool = opt(False, "smoke run: --arch tiny --latent 16 --steps 3 --ratios 0.3,0.5 --runs 2 --warmup 1 "
                       "--retries 0 --threads 1 (with --model: 2 steps, 1 ratio)")

@@ -112,8 +112,10 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     ref = ddim_loop(model, template, start, spec, progress="quality unpruned")
     result["baseline"]["final_latent_std"] = float(ref.std())
 
-    timer, rows = unpruned_timer(model, template, opts, device)
-    result["baseline"].update(rows)
+    timer = None
+    if opts.speed:
+        timer, rows = unpruned_timer(model, template, opts, device)
+        result["baseline"].update(rows)
 
     for v in tqdm(variants, desc="variants", unit="variant"):
         point: dict[str, Any] = {"label": v.label, "method": v.method, "ratio": v.ratio, "options": v.options}
@@ -140,7 +142,7 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
 
 
 def measure_variant(v: Variant, model: torch.nn.Module, template: Template, start: LoopStart, spec: LoopSpec,
-                    ref: torch.Tensor, opts: ParetoOptions, timer: PairedTimer) -> dict[str, Any]:
+                    ref: torch.Tensor, opts: ParetoOptions, timer: PairedTimer | None) -> dict[str, Any]:
     """Quality (the DDIM loop) and speed (one call, paired with the baseline's calls) of one variant.
 
     Dynamo is never reset here: the compiled baseline stays valid, and each variant adds its own cache entry
@@ -148,11 +150,12 @@ def measure_variant(v: Variant, model: torch.nn.Module, template: Template, star
     """
     built = v.build(model, compiler=opts.quality_compiler)
     final = ddim_loop(built.fn, template, start, spec, progress=f"quality {v.label}")
-    out = time_point(v, model, template, timer, opts, built=built if v.method == TOMESD else None)
+    out = time_point(v, model, template, timer, opts, built=built if v.method == TOMESD else None) if timer else \
+        {"speedup": None}
     out["quality"] = {"rel_error": rel_error(final, ref), "psnr_db": psnr(final, ref),
                       "per_image_rel_error": [rel_error(final[i], ref[i]) for i in range(ref.shape[0])]}
-    log.info("%s: rel. error %.4g, PSNR %.2f dB, median %.4fs, speedup %.3f", v.label, out["quality"]["rel_error"],
-             out["quality"]["psnr_db"], out["speed"]["median_s"], out["speedup"])
+    log.info("%s: rel. error %.4g, PSNR %.2f dB, speedup %s", v.label, out["quality"]["rel_error"],
+             out["quality"]["psnr_db"], "not timed" if timer is None else f"{out['speedup']:.3f}")
     return out
 
 
