@@ -219,9 +219,6 @@ class ParetoOptions(BenchOptions):
         if self.variants is not None:
             if not self.variants:
                 raise ValueError("--variants is empty")
-            from .variants import variants as named_variants
-
-            named_variants(self.variants)  # ValueError naming the catalogue / the valid options
             if self.model:
                 raise ValueError("--variants sweeps a built-in architecture (--arch); with --model use --methods "
                                  "and --ratios")

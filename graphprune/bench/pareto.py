@@ -54,6 +54,8 @@ def run(opts: ParetoOptions) -> dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     opts.check()
+    if opts.variants:
+        named_variants(opts.variants)  # ValueError naming the catalogue / the valid options, before any build
     with torch_setup(opts.threads, opts.keep_inductor_cache, prefix="pareto"), logging_redirect_tqdm():
         result = realweights.run_model(opts) if opts.model else run_sweep(opts)
     result["failed"] = [p["label"] for p in result["points"] if "Traceback" in p.get("error", "")]
