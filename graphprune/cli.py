@@ -203,6 +203,8 @@ BENCHMARKS = {
                 "(torch.profiler, categories) and eager time per module with each config's time bound"),
     "compile": ("CompileOptions", "compile time as a user sees it: cold and warm (fresh processes sharing the "
                 "on-disk Inductor caches) per variant, graphs compiled, cache hits and misses"),
+    "gpu": ("GpuOptions", "the one-command GPU run: per-call and 50-step times of SD1.5 (512x512) and SDXL "
+            "(1024x1024) in fp16, Inductor (and CUDA graphs) vs graphprune, tomesd, ToDo, deepcache; JSON + table"),
     "export": ("ExportOptions", "deployment latency: onnxruntime pruned vs unpruned sessions (paired), TensorRT vs "
                "Inductor on CUDA"),
 }

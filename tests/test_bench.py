@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from graphprune.bench import options, timing, variants
-from graphprune.bench.options import (AtedmOptions, CompileOptions, ExportOptions, ParetoOptions, Protocol,
-                                      SpeedOptions, StepsOptions)
+from graphprune.bench.options import (AtedmOptions, CompileOptions, ExportOptions, GpuOptions, ParetoOptions,
+                                      Protocol, SpeedOptions, StepsOptions)
 from graphprune.cli import build_parser
 from graphprune.cli import main as cli_main
 
@@ -172,7 +172,7 @@ def test_variants_build_their_callables():
 
 
 def test_options_quick_presets_are_idempotent_and_checked():
-    for cls in (ParetoOptions, SpeedOptions, StepsOptions, AtedmOptions, ExportOptions, CompileOptions):
+    for cls in (ParetoOptions, SpeedOptions, StepsOptions, AtedmOptions, ExportOptions, CompileOptions, GpuOptions):
         quick = cls(quick=True)
         assert dataclasses.replace(quick) == quick, cls.__name__
         quick.check()
@@ -209,6 +209,8 @@ DOCUMENTED_FLAGS = {
     "compile": ["--arch", "--latent", "--steps", "--variants", "--processes", "--threads", "--out", "--quick"],
     "export": ["--arch", "--latents", "--batch", "--variants", "--runs", "--warmup", "--threads", "--tensorrt",
                "--workdir", "--out"],
+    "gpu": ["--models", "--variants", "--step-variants", "--steps", "--compiler", "--runs", "--warmup", "-o", "--out",
+            "--quick", "--no-keep-inductor-cache"],
 }
 
 
@@ -390,3 +392,44 @@ def test_policies_front_measures_the_selected_variants_resumes_and_rewrites_its_
     (out / "front.md").unlink()
     policies.run(PoliciesOptions(quick=True, out=str(out), report_only=True))
     assert all(name in (out / "front.md").read_text() for name in added)
+
+
+def test_gpu_run_defaults_resolve_and_the_dry_run_maps_every_variant():
+    from graphprune.bench import gpu
+
+    opts = GpuOptions()
+    opts.check()  # every default name parses (a renamed catalogue entry or option would fail here, not on the GPU)
+    assert opts.model_specs() == [("sd15", 64), ("sdxl", 128)] and opts.steps == 50
+    assert variants.variant("inductor-cudagraphs").mode == "reduce-overhead"
+    for names in (opts.variants, opts.step_variants):
+        assert gpu.resolved(names, "inductor") == list(names)
+        dry = gpu.resolved(names, "eager")
+        assert dry[0] == "eager" and "inductor" not in dry and all(variants.variant(n).kind != "inductor" for n in dry)
+        for n in dry:
+            v = variants.variant(n)
+            assert v.kind != "graphprune" or v.options["compiler"] == "eager"
+    assert gpu.resolved(["inductor", "tomesd+inductor", "tomesd"], "eager") == ["eager", "tomesd"]
+    with pytest.raises(ValueError, match="ARCH:LATENT"):
+        GpuOptions(models=("sd15",)).check()
+
+
+def test_gpu_dry_run(tmp_path):
+    """benchmarks/gpu.py end to end on CPU (tiny UNet, latent 16, 2 steps, no Inductor): both parts, JSON + table."""
+    out = tmp_path / "gpu"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "-o", str(out),
+                          "--variants", "inductor,inductor-cudagraphs,tome0.5,tomesd",
+                          "--step-variants", "inductor,inductor-cudagraphs,deepcache3,tome0.5",
+                          "--log-level", "WARNING"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "gpu.json").read_text())
+    assert result["failed"] == [] and list(result["models"]) == ["tiny:16"]
+    part = result["models"]["tiny:16"]
+    assert list(part["speed"]["latents"]["16"]["variants"]) == ["eager", "dynamo-eager", "tome0.5-fx", "tomesd"]
+    for key in ("tome0.5-fx", "tomesd"):
+        _check_paired(part["speed"]["latents"]["16"]["variants"][key], 1)
+    steps = part["steps"]["variants"]
+    assert list(steps) == ["eager", "dynamo-eager", "deepcache3-fx", "tome0.5-fx"]
+    assert steps["deepcache3-fx"]["kinds"]["shallow"] == 1 and steps["tome0.5-fx"]["kinds"]["full"] == 2
+    table = (out / "gpu.md").read_text()
+    assert "## tiny, latent 16" in table and "whole 2-step" in table and "graphprune deepcache N=3" in table
+    assert (out / "speed_tiny.json").exists() and (out / "steps_tiny.json").exists()

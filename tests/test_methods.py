@@ -6,7 +6,7 @@ import torch
 from graphprune.methods import SiToConfig, ToMeConfig
 from graphprune.methods import SiteGeometry
 from graphprune.methods.sito import SiTo
-from graphprune.methods.tokens import cell_split, complement, top_and_rest
+from graphprune.methods.tokens import best_match, cell_split, complement, top_and_rest
 from graphprune.methods.tome import ToMe
 from reference import ref_sito, ref_tome
 
@@ -93,3 +93,48 @@ def test_top_and_rest(k):
         assert set(top[b].tolist()) == set(s[b].argsort(descending=True)[:k].tolist())
         assert sorted(top[b].tolist() + rest[b].tolist()) == list(range(20))
     assert torch.equal(complement(top, 20), rest.sort(1).values)
+
+
+def _best_match_reference(a, b):
+    """Loops: for every (batch, source) row the largest score a[s] . b[p] and the first p reaching it."""
+    B, S, _ = a.shape
+    val, idx = torch.empty(B, S, dtype=a.dtype), torch.empty(B, S, dtype=torch.int64)
+    for i in range(B):
+        for s in range(S):
+            scores = [float((a[i, s] * b[i, p]).sum()) for p in range(b.shape[1])]
+            val[i, s] = max(scores)
+            idx[i, s] = scores.index(max(scores))
+    return val, idx
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_best_match_equals_the_full_score_reference_with_ties(compiler):
+    # small integers: every score is exact, and many rows tie (repeated destinations, zero rows)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-2, 3, (2, 13, 4), generator=g).float()
+    b = torch.randint(-1, 2, (2, 6, 4), generator=g).float()
+    b[:, 3] = b[:, 1]  # a tie for every source whose best is destination 1: the first index (1) wins
+    a[0, 5] = 0  # all scores 0: index 0
+    ref_val, ref_idx = _best_match_reference(a, b)
+    assert (ref_idx == 3).sum() == 0 and (ref_idx == 1).any()
+    val, idx = best_match(a, b, compiler)  # "inductor" on CPU: the graphprune::best_match custom op
+    assert torch.equal(val, ref_val) and torch.equal(idx, ref_idx)
+
+
+def test_best_match_under_inductor_runs_the_custom_op_with_the_same_result():
+    from torch.profiler import profile
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 40, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    ref_val, ref_idx = _best_match_reference(a, b)
+    fn = torch.compile(lambda a, b: best_match(a / a.norm(dim=-1, keepdim=True), b, "inductor"), backend="inductor")
+    with profile() as prof:
+        val, idx = fn(a, b)
+    assert "graphprune::best_match" in {e.key for e in prof.key_averages()}  # opaque to Inductor: aten kernels
+    ref_val, ref_idx = _best_match_reference(a / a.norm(dim=-1, keepdim=True), b)
+    torch.testing.assert_close(val, ref_val, rtol=1e-6, atol=1e-6)
+    assert torch.equal(idx, ref_idx)
+    # elsewhere it is the plain expression (what export sees): no custom op in the traced graph
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda a, b: best_match(a, b, "eager"))(a, b)
+    assert not any("best_match" in str(n.target) for n in gm.graph.nodes)
+

@@ -142,6 +142,33 @@ def test_quick_sweep_end_to_end(tmp_path, capsys):
     assert (tmp_path / "again" / "pareto.png").exists()
 
 
+def test_sweep_of_an_explicit_variant_list(tmp_path):
+    """--variants: configs beyond method x ratio (scope, ToDo's factor) next to tomesd, each point its own curve."""
+    out = tmp_path / "res"
+    names = "tome:ratio=0.5:scope=block,todo:factor=2,tomesd0.5"
+    assert cli_main(["bench", "pareto", "--quick", "--variants", names, "--speed-compiler", "eager", "--no-flops",
+                     "-o", str(out), "--log-level", "WARNING"]) == 0
+    result = json.loads((out / "pareto.json").read_text())
+    pts = result["points"]
+    assert [p["label"] for p in pts] == ["graphprune tome:ratio=0.5:scope=block", "graphprune todo:factor=2",
+                                         "tomesd r=0.5 eager"]
+    assert pts[0]["options"] == {"method": "tome", "ratio": 0.5, "scope": "block"} and pts[1]["ratio"] is None
+    assert all(p["curve"] == p["label"] and p["quality"]["rel_error"] > 0 and p["speedup"] > 0 for p in pts)
+    assert [r["method"] for r in result["at_ratio_0.5"]] == ["tome", "tomesd"]  # ToDo's ratio is its factor's
+    assert (out / "pareto.png").stat().st_size > 10_000
+    # --no-speed: errors only, no timer (the same error as the timed run: the loop is seeded)
+    assert cli_main(["bench", "pareto", "--quick", "--variants", "todo:factor=2", "--no-speed", "--no-flops",
+                     "-o", str(tmp_path / "q"), "--log-level", "WARNING"]) == 0
+    (q,) = json.loads((tmp_path / "q" / "pareto.json").read_text())["points"]
+    assert q["speedup"] is None and "speed" not in q and q["quality"]["rel_error"] == pts[1]["quality"]["rel_error"]
+    from graphprune.bench import pareto
+
+    with pytest.raises(ValueError, match="unknown variant"):
+        pareto.run(ParetoOptions(variants=("tome:ratio=0.5", "fancy0.5")))
+    with pytest.raises(ValueError, match="--model"):
+        ParetoOptions(variants=("tome0.5",), model="somewhere", prompts="p.txt").check()
+
+
 @pytest.mark.slow
 def test_quick_sweep_under_inductor(tmp_path):
     out = tmp_path / "res"

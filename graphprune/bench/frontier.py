@@ -52,7 +52,7 @@ def error_value(point: dict[str, Any]) -> float:
 def finish(result: dict[str, Any], out: str | Path) -> None:
     """Mark the front (over the points and the unpruned baseline at (1, 0)), write table, JSON and plot."""
     pts = result["points"]
-    xy = [(p.get("speedup", math.nan), error_value(p)) for p in pts]
+    xy = [(math.nan if p.get("speedup") is None else p["speedup"], error_value(p)) for p in pts]  # None: not timed
     front = pareto_front([(1.0, 0.0)] + xy)
     result["baseline_on_front"] = front[0]
     for p, on in zip(pts, front[1:]):
@@ -88,7 +88,7 @@ def at_ratio(result: dict[str, Any], ratio: float) -> list[dict[str, Any]]:
     """Per method (tomesd included) at ``ratio``: speedup, error, PSNR (the README's closing note)."""
     rows = []
     for p in result["points"]:
-        if abs(p["ratio"] - ratio) < 1e-9 and "error" not in p:
+        if p.get("ratio") is not None and abs(p["ratio"] - ratio) < 1e-9 and "error" not in p:
             q = p.get("quality", {})
             rows.append({"method": p["method"], "speedup": p.get("speedup"), "error": error_value(p),
                          "psnr_db": q.get("psnr_db", q.get("psnr_mean"))})
@@ -168,10 +168,11 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
            and p.get("speedup") is not None]
     h = result["header"]
     series: dict[str, list[tuple[float, float, str]]] = {}
-    for m in dict.fromkeys(p["method"] for p in pts):
+    for m in dict.fromkeys(p.get("curve", p["method"]) for p in pts):  # "curve": an explicit variant list's point
         name = m + (" (eager)" if m == TOMESD else "")
-        series[name] = [(error_value(p), p["speedup"], f"{p['ratio']:g}")
-                        for p in sorted((p for p in pts if p["method"] == m), key=lambda p: p["ratio"])]
+        series[name] = [(error_value(p), p["speedup"], "" if p.get("curve") else f"{p['ratio']:g}")
+                        for p in sorted((p for p in pts if p.get("curve", p["method"]) == m),
+                                        key=lambda p: p["ratio"] or 0.0)]
     real = any("ssim_mean" in (p.get("quality") or {}) for p in pts)
     return plot_speed_error(
         series, path, baseline=f"unpruned ({h['speed_compiler']})", dashed=[TOMESD + " (eager)"],

@@ -163,6 +163,10 @@ class ParetoOptions(BenchOptions):
                                           group="what to sweep")
     ratios: tuple[float, ...] = opt((0.3, 0.5, 0.7), "comma-separated ratios (fraction of tokens removed)",
                                     group="what to sweep")
+    variants: tuple[str, ...] | None = opt(None, "comma-separated variants measured instead of --methods x "
+                                           "--ratios (graphprune bench variants lists them; METHOD:key=value:... "
+                                           "for any graphprune options, e.g. tome:ratio=0.5:scope=block; "
+                                           "tomesd<ratio> for tomesd)", group="what to sweep")
     tomesd: bool = opt(True, "leave out the tomesd curve", group="what to sweep")
     tomesd_inductor: bool = opt(False, "also time tomesd's copy under torch.compile", group="what to sweep")
     latent: int = opt(64, "latent height and width", group="the loop")
@@ -188,7 +192,8 @@ class ParetoOptions(BenchOptions):
                                 "between pruned and unpruned images", group="real weights (--model)")
     clip: str | None = opt(None, "local CLIP ViT-B/32 weights (torch-fidelity) for the Frechet distance in CLIP "
                            "feature space", group="real weights (--model)")
-    speed: bool = opt(True, "--model: skip the UNet timing", group="real weights (--model)")
+    speed: bool = opt(True, "skip the UNet timing (quality only; speedups then come from elsewhere, e.g. bench speed)",
+                      group=PROTOCOL)
     out: str = opt("results", "output folder (pareto.json, pareto.txt, pareto.png)", short="-o")
     quick: bool = opt(False, "smoke run: --arch tiny --latent 16 --steps 3 --ratios 0.3,0.5 --runs 2 --warmup 1 "
                       "--retries 0 --threads 1 (with --model: 2 steps, 1 ratio)")
@@ -211,6 +216,12 @@ class ParetoOptions(BenchOptions):
 
     def check(self) -> None:
         resolve_methods(self.methods)
+        if self.variants is not None:
+            if not self.variants:
+                raise ValueError("--variants is empty")
+            if self.model:
+                raise ValueError("--variants sweeps a built-in architecture (--arch); with --model use --methods "
+                                 "and --ratios")
         if not self.ratios:
             raise ValueError("--ratios is empty")
         self.protocol().check(min_warmup=1, max_calls=DISTINCT_TIMESTEPS)
@@ -434,6 +445,62 @@ class ExportOptions(BenchOptions):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# graphprune bench gpu
+
+GPU_CALL_VARIANTS = ("inductor", "inductor-cudagraphs", "tome0.5", "tome:ratio=0.5:scope=block", "todo:factor=2",
+                     "tomesd")
+GPU_STEP_VARIANTS = ("inductor", "inductor-cudagraphs", "deepcache3", "DeepCache3", "tome0.5")
+
+
+@dataclass
+class GpuOptions(BenchOptions):
+    """The one-command GPU run (:mod:`graphprune.bench.gpu`): per-call speed (``bench speed``) and whole loops
+    (``bench steps``) of each model, paired against Inductor, in fp16 on CUDA; JSON + a markdown table."""
+
+    models: tuple[str, ...] = opt(("sd15:64", "sdxl:128"), "comma-separated ARCH:LATENT (sd15:64 = 512x512 "
+                                  "images, sdxl:128 = 1024x1024)")
+    variants: tuple[str, ...] = opt(GPU_CALL_VARIANTS, "per-call variants (graphprune bench variants lists them; "
+                                    "METHOD:key=value:... for any graphprune options)")
+    step_variants: tuple[str, ...] = opt(GPU_STEP_VARIANTS, "variants of the whole-loop part (empty: skip it)")
+    steps: int = opt(50, "DDIM steps of a whole loop")
+    compiler: str = opt("inductor", "inductor (the protocol), or eager for a dry run on CPU: the baseline is then "
+                        "eager, inductor variants run Dynamo's eager backend, graphprune its graph without "
+                        "Inductor, peers' +inductor copies are left out", choices=("inductor", "eager"))
+    runs: int = opt(3, "timed calls per variant, each paired with a baseline call (median of the per-pair ratios)",
+                    group=PROTOCOL)
+    retries: int = opt(0, "repeat contended timed calls up to this often", group=PROTOCOL)
+    keep_inductor_cache: bool = opt(True, "use a fresh temporary Inductor cache (cold compiles; by default the "
+                                    "usual on-disk cache lets the loop part reuse the per-call part's kernels)",
+                                    group=PROTOCOL)
+    out: str = opt("results/gpu", "output folder (gpu.json, gpu.md, and each part's JSON)", short="-o")
+    quick: bool = opt(False, "dry run on CPU: --models tiny:16 --steps 2 --compiler eager --runs 1 --threads 1")
+
+    def __post_init__(self) -> None:
+        self.models, self.variants, self.step_variants = (tuple(self.models), tuple(self.variants),
+                                                          tuple(self.step_variants))
+        if self.quick:
+            self.models, self.steps, self.compiler, self.runs, self.retries = ("tiny:16",), 2, "eager", 1, 0
+            self.threads = self.threads or 1
+
+    def model_specs(self) -> list[tuple[str, int]]:
+        """``[(arch, latent), ...]`` from ``models``; ValueError naming the form."""
+        out = []
+        for spec in self.models:
+            arch, sep, latent = spec.partition(":")
+            if not sep or not latent.isdigit():
+                raise ValueError(f"--models: expected ARCH:LATENT (e.g. sd15:64), got {spec!r}")
+            out.append((arch, int(latent)))
+        return out
+
+    def check(self) -> None:
+        for arch, _ in self.model_specs():
+            _check_arch(arch)
+        if not self.models or not self.variants:
+            raise ValueError("--models and --variants must not be empty")
+        self.protocol().check(min_warmup=2, max_calls=DISTINCT_TIMESTEPS)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # graphprune bench profile
 
 PROFILE_VARIANTS = ("inductor", "tome0.5", "sito0.5", "tomesd")
@@ -516,5 +583,5 @@ class CompileOptions(BenchOptions):
 
 
 __all__ = ["opt", "Protocol", "LoopSpec", "BenchOptions", "ParetoOptions", "SpeedOptions", "StepsOptions",
-           "PoliciesOptions", "AtedmOptions", "ExportOptions", "ProfileOptions", "CompileOptions", "resolve_methods",
-           "arch_names", "baseline_of"]
+           "PoliciesOptions", "AtedmOptions", "ExportOptions", "ProfileOptions", "CompileOptions", "GpuOptions",
+           "resolve_methods", "arch_names", "baseline_of"]

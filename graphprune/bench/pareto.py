@@ -42,6 +42,7 @@ from .options import ParetoOptions, resolve_methods
 from .sweep import sweep_header, time_point, unpruned_timer
 from .timing import PairedTimer, reset, torch_setup
 from .variants import TOMESD, Variant, build_model, grid
+from .variants import variants as named_variants
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def run(opts: ParetoOptions) -> dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     opts.check()
+    if opts.variants:
+        named_variants(opts.variants)  # ValueError naming the catalogue / the valid options, before any build
     with torch_setup(opts.threads, opts.keep_inductor_cache, prefix="pareto"), logging_redirect_tqdm():
         result = realweights.run_model(opts) if opts.model else run_sweep(opts)
     result["failed"] = [p["label"] for p in result["points"] if "Traceback" in p.get("error", "")]
@@ -83,7 +86,12 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     header["scheduler"] = SD_SCHEDULER
     log.info("%s", format_header(header))
 
-    variants = grid(methods, opts.ratios, opts.tomesd)
+    if opts.variants:  # an explicit list (configs beyond method x ratio): each point its own curve
+        variants = named_variants(opts.variants)
+        curves = {v.label: v.label for v in variants}
+    else:
+        variants = grid(methods, opts.ratios, opts.tomesd)
+        curves = {}
     if type(model).__name__ != "UNet2DConditionModel":
         for v in variants:
             if v.method == TOMESD:
@@ -106,11 +114,15 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
     ref = ddim_loop(model, template, start, spec, progress="quality unpruned")
     result["baseline"]["final_latent_std"] = float(ref.std())
 
-    timer, rows = unpruned_timer(model, template, opts, device)
-    result["baseline"].update(rows)
+    timer = None
+    if opts.speed:
+        timer, rows = unpruned_timer(model, template, opts, device)
+        result["baseline"].update(rows)
 
     for v in tqdm(variants, desc="variants", unit="variant"):
         point: dict[str, Any] = {"label": v.label, "method": v.method, "ratio": v.ratio, "options": v.options}
+        if v.label in curves:
+            point["curve"] = curves[v.label]
         if v.error:
             point["error"] = v.error
             result["points"].append(point)
@@ -132,7 +144,7 @@ def run_sweep(opts: ParetoOptions) -> dict[str, Any]:
 
 
 def measure_variant(v: Variant, model: torch.nn.Module, template: Template, start: LoopStart, spec: LoopSpec,
-                    ref: torch.Tensor, opts: ParetoOptions, timer: PairedTimer) -> dict[str, Any]:
+                    ref: torch.Tensor, opts: ParetoOptions, timer: PairedTimer | None) -> dict[str, Any]:
     """Quality (the DDIM loop) and speed (one call, paired with the baseline's calls) of one variant.
 
     Dynamo is never reset here: the compiled baseline stays valid, and each variant adds its own cache entry
@@ -140,11 +152,12 @@ def measure_variant(v: Variant, model: torch.nn.Module, template: Template, star
     """
     built = v.build(model, compiler=opts.quality_compiler)
     final = ddim_loop(built.fn, template, start, spec, progress=f"quality {v.label}")
-    out = time_point(v, model, template, timer, opts, built=built if v.method == TOMESD else None)
+    out = time_point(v, model, template, timer, opts, built=built if v.method == TOMESD else None) if timer else \
+        {"speedup": None}
     out["quality"] = {"rel_error": rel_error(final, ref), "psnr_db": psnr(final, ref),
                       "per_image_rel_error": [rel_error(final[i], ref[i]) for i in range(ref.shape[0])]}
-    log.info("%s: rel. error %.4g, PSNR %.2f dB, median %.4fs, speedup %.3f", v.label, out["quality"]["rel_error"],
-             out["quality"]["psnr_db"], out["speed"]["median_s"], out["speedup"])
+    log.info("%s: rel. error %.4g, PSNR %.2f dB, speedup %s", v.label, out["quality"]["rel_error"],
+             out["quality"]["psnr_db"], "not timed" if timer is None else f"{out['speedup']:.3f}")
     return out
 
 

@@ -36,7 +36,7 @@ KINDS = ("eager", "inductor", "dynamo-eager", "graphprune", "tomesd", "deepcache
 UNPRUNED = ("eager", "inductor", "dynamo-eager")
 
 
-def compiled_call(model: torch.nn.Module, backend: str) -> Callable[..., Any]:
+def compiled_call(model: torch.nn.Module, backend: str, mode: str | None = None) -> Callable[..., Any]:
     """``torch.compile`` of a function that calls ``model`` (Dynamo inlines the model into its own graph).
 
     The compiled code object is this closure's, not ``type(model).forward``'s: Dynamo marks a code object it gave
@@ -48,7 +48,7 @@ def compiled_call(model: torch.nn.Module, backend: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return model(*args, **kwargs)
 
-    return torch.compile(call, backend=backend)
+    return torch.compile(call, backend=backend, **({"mode": mode} if mode else {}))
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Variant:
     ``key``: its name on the command line and in the JSON; ``label``: its name in tables and plots; ``options``:
     graphprune options (kind ``graphprune``); ``ratio``: the fraction pruned where there is one (the sweep's
     axis, tomesd's ratio); ``interval``: DeepCache's ``cache_interval``; ``inductor``: a peer's patched copy under
-    ``torch.compile``; ``error``: why it cannot run (recorded, not raised: e.g. a ratio above a method's cap).
+    ``torch.compile``; ``mode``: the ``torch.compile`` mode of the ``inductor`` kind (``"reduce-overhead"``: CUDA
+    graphs); ``error``: why it cannot run (recorded, not raised: e.g. a ratio above a method's cap).
     """
 
     key: str
@@ -82,6 +83,7 @@ class Variant:
     ratio: float | None = None
     interval: int | None = None
     inductor: bool = False
+    mode: str | None = None
     error: str | None = None
 
     def __post_init__(self) -> None:
@@ -136,7 +138,7 @@ class Variant:
         if self.kind == "eager":
             return Built(model)
         if self.kind == "inductor":
-            return Built(compiled_call(model, "inductor"))
+            return Built(compiled_call(model, "inductor", self.mode))
         if self.kind == "dynamo-eager":
             return Built(compiled_call(model, "eager"))
         if self.kind == "graphprune":
@@ -162,9 +164,11 @@ class Variant:
 def new_runtime(built: Built, before: set[int]) -> Any:
     """The graphprune runtime ``built.fn`` created since ``before`` (ids of :func:`~graphprune.runtime.base.runtimes`
     taken before it was built and run), or None (a peer, or not run yet)."""
-    from ..runtime.base import runtimes
+    from ..runtime.base import Runtime, runtimes
 
-    found = [r for r in runtimes(built.fn) if id(r) not in before] if built.helper is None else []
+    if built.helper is not None or not isinstance(built.fn, torch.nn.Module):  # a peer, or a compiled function
+        return None
+    found = [r for r in runtimes(built.fn) if id(r) not in before and isinstance(r, Runtime)]
     return found[-1] if found else None
 
 
@@ -189,6 +193,8 @@ def _catalogue() -> dict[str, Variant]:
     entries = [
         Variant("eager", "eager", "eager"),
         Variant("inductor", "inductor", "inductor"),
+        Variant("inductor-cudagraphs", "inductor mode=reduce-overhead (CUDA graphs)", "inductor",
+                mode="reduce-overhead"),
         Variant("dynamo-eager", "dynamo graph, eager backend", "dynamo-eager"),
         gp("sito0.5", "graphprune sito r=0.5", method="sito", ratio=0.5),
         gp("sito0.7", "graphprune sito r=0.7", method="sito", ratio=0.7),

@@ -180,7 +180,8 @@ def export_program(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         with stage("torch.export of the model"):
             ep0 = torch.export.export(model, tuple(args), kwargs, strict=strict)
         gm = ep0.graph_module
-        result = prune_graph(gm, cfg, method)
+        # the plan as plain aten ops (no Inductor-only custom op such as graphprune::best_match in the program)
+        result = prune_graph(gm, dataclasses.replace(cfg, compiler="eager"), method)
         n_random = len(result.random_inputs)
         fixed = None
         if random == "fixed" and n_random:

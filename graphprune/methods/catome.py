@@ -26,7 +26,7 @@ import torch
 from ..config import PruneConfig, check_choice, check_int
 from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, StateSpec, TokenMethod
 from .refresh import build_refresh
-from .tokens import cell_split, gather_tokens, scatter_slots
+from .tokens import best_match, cell_split, gather_tokens, scatter_slots
 
 THRESHOLD_RULES = ("batch-max", "per-row")
 BUCKET_SCOPES = ("level", "site")
@@ -181,8 +181,8 @@ class CaToMe(TokenMethod[CaToMeConfig]):
         loc = rand[0] if rand else torch.zeros(1, P, dtype=torch.int64, device=metric.device)
         dst_pos, src_pos = cell_split(loc, geo.H, geo.W, config.sx, config.sy)  # (1, P), (1, S)
         m = metric / metric.norm(dim=-1, keepdim=True)  # no epsilon, model dtype (as the official code)
-        scores = gather_tokens(m, src_pos) @ gather_tokens(m, dst_pos).transpose(1, 2)  # (B, S, P)
-        node_max, node_idx = scores.max(dim=-1)  # (B, S)
+        # best match over the (B, S, P) scores
+        node_max, node_idx = best_match(gather_tokens(m, src_pos), gather_tokens(m, dst_pos), config.compiler)
         order = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # rank -> source index
         above = node_max.gather(1, order) >= config.threshold  # (B, S): a prefix of each row
         count = above.sum(dim=1).clamp(max=cap)  # (B,)

@@ -134,4 +134,4 @@ class DaTo(KeepSlotRecovery, TokenMethod[DaToConfig]):
         m = F.normalize(metric, dim=-1)
         loc = self.base_positions(config, geo, eps_prev, eps_prev2, *rand)
         base, cand = cell_split(loc, geo.H, geo.W, config.sx, config.sy)
-        return prune_similar_to_base(m, base.expand(B, -1), cand.expand(B, -1), R, config.recover)
+        return prune_similar_to_base(m, base.expand(B, -1), cand.expand(B, -1), R, config.recover, config.compiler)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import PruneConfig, check_choice
 from .base import KeepSlotRecovery, Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod
-from .tokens import cell_argmax, cell_split, gather_tokens, scatter_slots, top_and_rest
+from .tokens import best_match, cell_argmax, cell_split, gather_tokens, scatter_slots, top_and_rest
 
 PLAN_DTYPES = (None, "float16", "bfloat16", "float32", "float64")
 RECOVERIES = ("kept", "base")
@@ -70,7 +70,8 @@ def prune_budget(config: PruneConfig, geo: SiteGeometry) -> int:
     return geo.N - R
 
 
-def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, R: int, recover: str) -> Plan:
+def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, R: int, recover: str,
+                          compiler: str = "eager") -> Plan:
     """SiTo stages 2 and 3 (also DaTo's): prune the R candidates most similar to some base token; copy recovery.
 
     m: (B, N, C) L2-normalized tokens; base: (B, P) and cand: (B, Nc) token indices (a partition of [0, N)).
@@ -84,7 +85,7 @@ def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tenso
     B = m.shape[0]
     # Stage 2: prune the R candidates most similar to some base token.
     mc = gather_tokens(m, cand)
-    best, best_base = (mc @ gather_tokens(m, base).transpose(1, 2)).max(dim=-1)  # (B, Nc)
+    best, best_base = best_match(mc, gather_tokens(m, base), compiler)  # (B, Nc)
     pruned, unpruned = top_and_rest(best, R)
     keep = torch.cat([cand.gather(1, unpruned), base], dim=1)  # (B, K)
     # Stage 3: recovery source of each pruned token, as a slot in [0, K).
@@ -94,7 +95,7 @@ def prune_similar_to_base(m: torch.Tensor, base: torch.Tensor, cand: torch.Tenso
         # so only the (R, Ku) block is computed (half the official (R, K) work); ties prefer the candidate,
         # as the first-index argmax over [candidates, base] does.
         mp = gather_tokens(mc, pruned)  # (B, R, C)
-        cand_val, cand_src = (mp @ gather_tokens(mc, unpruned).transpose(1, 2)).max(dim=-1)  # (B, R)
+        cand_val, cand_src = best_match(mp, gather_tokens(mc, unpruned), compiler)  # (B, R)
         src = torch.where(cand_val >= base_val, cand_src, base_src)
     else:
         src = base_src
@@ -128,4 +129,4 @@ class SiTo(KeepSlotRecovery, TokenMethod[SiToConfig]):
             score = score + config.noise_alpha * rand[0].to(dtype)
         loc = cell_argmax(score, H, W, sx, sy)  # (B, P)
         base, cand = cell_split(loc, H, W, sx, sy)  # (B, P), (B, Nc)
-        return prune_similar_to_base(m, base, cand, R, config.recover)
+        return prune_similar_to_base(m, base, cand, R, config.recover, config.compiler)

@@ -19,7 +19,7 @@ import torch
 
 from ..config import PruneConfig
 from .base import Plan, RandomSpec, SiteGeometry, SiteSkip, TokenMethod
-from .tokens import cell_split, gather_tokens, scatter_slots, top_and_rest
+from .tokens import best_match, cell_split, gather_tokens, scatter_slots, top_and_rest
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,8 @@ class ToMe(TokenMethod[ToMeConfig]):
         dst_pos, src_pos = dst_pos.expand(B, P), src_pos.expand(B, S)
         # Cosine similarity between sources and destinations (tomesd: no epsilon, model dtype).
         m = metric / metric.norm(dim=-1, keepdim=True)
-        scores = gather_tokens(m, src_pos) @ gather_tokens(m, dst_pos).transpose(1, 2)  # (B, S, P)
-        # Each source's best destination; merge the r best-matched sources.
-        node_max, node_idx = scores.max(dim=-1)
+        # Each source's best destination (max over the (B, S, P) scores); merge the r best-matched sources.
+        node_max, node_idx = best_match(gather_tokens(m, src_pos), gather_tokens(m, dst_pos), config.compiler)
         merged, unm = top_and_rest(node_max, r)
         tgt = node_idx.gather(1, merged)  # (B, r) destination slot of each merged source
         # Unmerge map: kept sources first (S - r slots), then all P destinations.
