@@ -31,6 +31,7 @@ from .passes.coverage import check_coverage, graph_break_counts
 from .progress import stage
 from .report import GraphReport, InspectReport
 from .runtime import StepRuntime, Tracked, runtimes
+from .runtime.base import module_of
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,9 @@ def to_meta(value: Any) -> Any:
 
 
 def _module(obj: Any) -> torch.nn.Module:
-    if isinstance(obj, torch.nn.Module):
-        return getattr(obj, "_orig_mod", obj)
-    for name in ("unet", "transformer"):
-        inner = getattr(obj, name, None)
-        if isinstance(inner, torch.nn.Module):
-            return _module(inner)
+    module = module_of(obj)
+    if module is not None:
+        return module
     raise TypeError(f"expected a model, a compiled model or a pipeline with .unet, got {type(obj).__name__}")
 
 

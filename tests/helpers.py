@@ -42,5 +42,19 @@ def compile_with(model: torch.nn.Module, **options: Any) -> tuple[Any, Capture]:
     return torch.compile(model, backend=backend), cap
 
 
+def compile_steps(model: torch.nn.Module, **options: Any) -> tuple[Any, list[Any]]:
+    """torch.compile through graphprune (``compiler="eager"`` unless given); returns (compiled, list of the callables
+    the backend made: the step runtimes of a step-aware config)."""
+    options.setdefault("compiler", "eager")
+    made: list[Any] = []
+
+    def backend(gm: GraphModule, ex: list[Any]) -> Any:
+        fn = graphprune_backend(gm, ex, options=dict(options))
+        made.append(fn)
+        return fn
+
+    return torch.compile(model, backend=backend), made
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())

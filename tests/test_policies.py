@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import models
 from graphprune.methods import parse_options
-from helpers import rel_err
+from helpers import compile_steps, rel_err
 from reference import hooked_unet
 
 TIMESTEPS = [int(t) for t in torch.linspace(999, 50, 10).long()]
@@ -28,20 +28,6 @@ def tiny():
     (sample, _, ctx), _ = models.unet_inputs(model, 16)
     return model, sample, ctx
 
-
-def compile_steps(model, **options):
-    """torch.compile through graphprune; returns (compiled, list of the runtimes the backend made)."""
-    from graphprune.backend import graphprune_backend
-
-    options.setdefault("compiler", "eager")
-    made = []
-
-    def backend(gm, ex):
-        fn = graphprune_backend(gm, ex, options=dict(options))
-        made.append(fn)
-        return fn
-
-    return torch.compile(model, backend=backend), made
 
 
 def trajectory(sample, n=len(TIMESTEPS), seed=3):

@@ -18,7 +18,7 @@ from graphprune.methods import registered_methods
 from graphprune.passes.cut import find_cut
 from graphprune.runtime import runtimes
 from graphprune.schedule import DATO_S_A, DATO_S_B, build_schedule, deepcache_nonuniform
-from helpers import rel_err
+from helpers import compile_steps, rel_err
 from reference import hooked_unet, install_reference, ref_sito
 
 TIMESTEPS = [int(t) for t in torch.linspace(999, 0, 6).long()]
@@ -34,20 +34,6 @@ def tiny():
 def step(fast, sample, t, ctx, **kw):
     return fast(sample, torch.tensor(t), ctx, **kw).sample
 
-
-def compile_steps(model, **options):
-    """torch.compile through graphprune with a step-aware config; returns (compiled, list of runtimes made)."""
-    from graphprune.backend import graphprune_backend
-
-    options.setdefault("compiler", "eager")
-    made = []
-
-    def backend(gm, ex):
-        fn = graphprune_backend(gm, ex, options=dict(options))
-        made.append(fn)
-        return fn
-
-    return torch.compile(model, backend=backend), made
 
 
 # ----------------------------------------------------------------------------------------------- schedules

@@ -193,13 +193,14 @@ class Runtime(Tracked):
                 "state_bytes": self.state_bytes()}
 
 
-def _module_of(obj: Any) -> torch.nn.Module | None:
+def module_of(obj: Any) -> torch.nn.Module | None:
+    """The module behind a model, a compiled model (``_orig_mod``) or a pipeline (``.unet`` / ``.transformer``)."""
     if isinstance(obj, torch.nn.Module):
         return getattr(obj, "_orig_mod", obj)
     for name in ("unet", "transformer"):
         inner = getattr(obj, name, None)
         if isinstance(inner, torch.nn.Module):
-            return _module_of(inner)
+            return module_of(inner)
     return None
 
 
@@ -212,7 +213,7 @@ def runtimes(obj: Any = None) -> list[Tracked]:
     live = sorted(_TRACKED, key=lambda r: r.serial)
     if obj is None:
         return live
-    module = _module_of(obj)
+    module = module_of(obj)
     if module is None:
         raise TypeError(f"expected a model, a compiled model or a pipeline with .unet, got {type(obj).__name__}")
     params = [*module.parameters(), *module.buffers()]
