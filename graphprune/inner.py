@@ -9,6 +9,7 @@ torch-tensorrt is an optional extra, imported lazily (and only here and in :mod:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -57,7 +58,11 @@ class RandomFeed:
 
 #: methods whose graphs are compiled without inlining (uncached by AOTAutograd): DaTo's inlined full graph makes
 #: Dynamo's guard building fail (IndexError in ShapeEnv.produce_guards, cold compile under Inductor; issue 17)
+log = logging.getLogger(__name__)
+
 NOT_INLINED = frozenset({"dato"})
+#: methods whose lazily built variants failed to compile in the static-shape tracing context (tried once per process)
+_UNCACHED_LAZY: set[str] = set()
 
 
 def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfig) -> Callable[..., Any]:
@@ -76,6 +81,7 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     from .passes.inline import inline_calls
 
     patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
+    rewritten = gm
     if config.method not in NOT_INLINED:
         gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
         inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
@@ -87,8 +93,16 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+    if config.method in _UNCACHED_LAZY:
+        return compile_fx(copy_graph_module(rewritten), example_inputs, config_patches=patches)
+    try:
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True))):
+            return compile_fx(gm, example_inputs, config_patches=patches)
+    except Exception as exc:  # noqa: BLE001  e.g. catome's bucket variants (KeyError in tensorify_python_scalars)
+        log.info("graphprune[%s]: the cacheable compile of a lazily built variant failed (%s: %s); compiling it "
+                 "as before, without the on-disk caches", config.method, type(exc).__name__, exc)
+        _UNCACHED_LAZY.add(config.method)
+        return compile_fx(copy_graph_module(rewritten), example_inputs, config_patches=patches)
 
 
 def _shape_env() -> Any:
