@@ -146,6 +146,9 @@ def test_catalogue_names_fx_forms_peers_and_specs():
     assert (variants.variant("DeepCache5").interval, variants.variant("DeepCache5").kind) == (5, "deepcache")
     spec = variants.variant("todo:factor=3:downsample_method=avg_pool")
     assert spec.options == {"method": "todo", "factor": 3, "downsample_method": "avg_pool"}
+    combined = variants.variant('deepcache:cache_interval=3:prune={"method": "tome", "ratio": 0.5}')  # ':' in JSON
+    assert combined.options == {"method": "deepcache", "cache_interval": 3, "prune": {"method": "tome", "ratio": 0.5}}
+    assert combined.options == variants.variant("deepcache3+tome0.5").options
     with pytest.raises(ValueError, match="choose from .*sito0.5"):
         variants.variant("fancy0.5")
     with pytest.raises(ValueError, match="registered methods"):

@@ -205,6 +205,9 @@ def _catalogue() -> dict[str, Variant]:
         gp("deepcache3", "graphprune deepcache N=3", method="deepcache", cache_interval=3),
         gp("deepcache5", "graphprune deepcache N=5", method="deepcache", cache_interval=5),
         gp("dato3", "graphprune dato r=0.4 N=3", method="dato", cache_interval=3),
+        gp("deepcache3+tome0.5", "graphprune deepcache N=3 + tome r=0.5", method="deepcache", cache_interval=3,
+           prune={"method": "tome", "ratio": 0.5}),
+        gp("todo2", "graphprune ToDo f=2", method="todo", factor=2),
         gp("dato-imagenet", "graphprune dato r=0.4 S_A", method="dato", schedule="dato-imagenet"),
         gp("dato-coco", "graphprune dato r=0.4 S_B", method="dato", schedule="dato-coco"),
         Variant("DeepCache3", "DeepCache pkg N=3 (eager)", "deepcache", interval=3),
@@ -236,7 +239,7 @@ def _parse_spec(spec: str) -> Variant:
     """``METHOD:key=value:key=value`` (values parsed as JSON where they can be) -> a graphprune variant."""
     from ..methods import parse_options
 
-    method, *items = spec.split(":")
+    method, *items = re.split(r":(?=[A-Za-z_]\w*=)", spec)  # a ':' inside a JSON value does not split
     options: dict[str, Any] = {"method": method}
     for item in items:
         key, sep, value = item.partition("=")
