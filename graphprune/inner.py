@@ -56,11 +56,8 @@ class RandomFeed:
                 for spec, device in self.specs]
 
 
-#: methods whose graphs are compiled without inlining (uncached by AOTAutograd): DaTo's inlined full graph makes
-#: Dynamo's guard building fail (IndexError in ShapeEnv.produce_guards, cold compile under Inductor; issue 17)
 log = logging.getLogger(__name__)
 
-NOT_INLINED = frozenset({"dato"})
 #: methods whose lazily built variants failed to compile in the static-shape tracing context (tried once per process)
 _UNCACHED_LAZY: set[str] = set()
 
@@ -82,11 +79,10 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
 
     patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
     rewritten = gm
-    if config.method not in NOT_INLINED:
-        gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
-        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
+    gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
+    inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
     if _shape_env() is not None:  # inside Dynamo's compile of the frame
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, _static_fakes(example_inputs), config_patches=patches)
     # a variant compiled lazily at run time (a step kind's first call, a catome bucket): outside Dynamo's tracing
     # context the FX graph and AOTAutograd caches bypass it ("No shape env"); give it a static-shape context
     from torch._guards import TracingContext, tracing
@@ -103,6 +99,19 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
                  "as before, without the on-disk caches", config.method, type(exc).__name__, exc)
         _UNCACHED_LAZY.add(config.method)
         return compile_fx(copy_graph_module(rewritten), example_inputs, config_patches=patches)
+
+
+def _static_fakes(example_inputs: list[Any]) -> list[Any]:
+    """Inside Dynamo's compile of a frame: the real tensors among ``example_inputs`` (zeros standing for a step
+    runtime's state inputs) as static-shape fakes of the frame's fake mode. Converted by AOTAutograd instead, they
+    would get fresh dynamic size symbols with no source in the frame, and any guard on them (the inlined ops' static
+    sizes specialize them) breaks Dynamo's guard building (IndexError in ``produce_guards``)."""
+    from torch._guards import TracingContext
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = TracingContext.get().fake_mode
+    return [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor)
+            else x for x in example_inputs]
 
 
 def _shape_env() -> Any:

@@ -340,6 +340,26 @@ def test_dato_inductor_matches_eager_runtime(tiny):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_dato_preset_compiles_with_inlined_cacheable_graphs_under_inductor(tiny):
+    """Regression (issue 17): with DaTo's graphs inlined, the S_A preset's first Inductor compile broke Dynamo's guard
+    building (IndexError in produce_guards): the step runtime's zero state inputs became dynamic size symbols with no
+    source. Its graphs now compile inlined (no AOTAutograd cache bypass) and match the eager compiler."""
+    from torch._dynamo.utils import counters
+
+    model, sample, ctx = tiny
+    timesteps = [int(t) for t in torch.linspace(981, 1, 50).long()][:3]
+    outs = {}
+    for compiler in ("eager", "inductor"):
+        torch._dynamo.reset()
+        before = counters["aot_autograd"]["autograd_cache_bypass"]
+        fast, _ = compile_steps(model, method="dato", schedule="dato-imagenet", compiler=compiler)
+        outs[compiler] = [step(fast, sample, t, ctx) for t in timesteps]
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == before
+    for a, b in zip(outs["eager"], outs["inductor"]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- peers, pipelines
 def test_deepcache_equals_the_deepcache_package(tiny):
     """Parity with DeepCache's own helper (pip package DeepCache, DeepCacheSDHelper, branch 0, uniform interval)."""
