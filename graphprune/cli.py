@@ -220,9 +220,12 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_option_fields(p, getattr(options, cls_name))
         if name == "pareto":
-            p.add_argument("--replot", default=None, metavar="JSON",
-                           help="measure nothing: recompute the front, table and plot of a pareto.json (also a "
-                                "partial one from an interrupted run) into -o")
+            p.add_argument("--replot", default=None, metavar="JSON[,JSON...]",
+                           help="measure nothing: recompute the front, table and plot of pareto.json files (also "
+                                "partial ones from an interrupted run; several are joined) into -o")
+            p.add_argument("--speeds", default=None, metavar="JSON",
+                           help="with --replot: fill the points' speedups from a 'graphprune bench speed' JSON "
+                                "(paired, one process; matched by options)")
         p.add_argument("--log-level", default="INFO", help="logging level of graphprune.bench")
         p.set_defaults(func=cmd_bench, options_class=getattr(options, cls_name))
     p = bench_sub.add_parser("variants", help="list the named variants the benchmarks' --variants take")
@@ -273,10 +276,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cls = args.options_class
     try:
         opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        if getattr(args, "speeds", None) and not args.replot:
+            raise ValueError("--speeds fills the points of --replot JSON; give --replot")
         if getattr(args, "replot", None):
             from .bench.frontier import replot
 
-            result = replot(args.replot, opts.out)
+            result = replot(args.replot.split(","), opts.out, speeds=args.speeds)
         else:
             opts.check()
             result = importlib.import_module(f".bench.{args.bench}", __package__).run(opts)

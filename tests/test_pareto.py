@@ -269,3 +269,39 @@ def test_model_path_errors(tmp_path):
         load_pipeline(tmp_path)
     with pytest.raises(ValueError, match="--prompts"):
         ParetoOptions(model=str(tmp_path)).check()
+
+
+def test_replot_joins_sweeps_and_fills_speedups_from_a_speed_run(tmp_path):
+    """--replot A,B --speeds S: the points of both sweeps, each speedup from the paired speed run's variant with the
+    same options (tomesd by ratio), the front over what was timed; an untimed point stays untimed."""
+    header = {"schema": 1, "model": "sd15", "device": "cpu", "dtype": "float32", "options": {"latent": 64},
+              "call_shapes": {"args[0]": [2, 4, 64, 64]}, "quality_compiler": "eager", "speed_compiler": "inductor"}
+
+    def point(label, method, options, err, ratio=None):
+        return {"label": label, "method": method, "ratio": ratio, "options": options, "curve": label,
+                "speedup": None, "quality": {"rel_error": err, "psnr_db": 50.0}}
+
+    a = {"header": header, "baseline": {}, "points": [
+        point("tomesd r=0.5 eager", "tomesd", None, 0.0126, ratio=0.5),
+        point("graphprune tome:ratio=0.5", "tome", {"method": "tome", "ratio": 0.5}, 0.0129, ratio=0.5)]}
+    b = {"header": header, "baseline": {}, "points": [
+        point("graphprune todo:factor=2", "todo", {"method": "todo", "factor": 2}, 0.0036),
+        point("graphprune tome:ratio=0.5", "tome", {"method": "tome", "ratio": 0.5}, 0.0129, ratio=0.5),  # repeated
+        point("graphprune todo:factor=3", "todo", {"method": "todo", "factor": 3}, 0.0071)]}
+    speed = {"latents": {"64": {"baseline": "inductor", "variants": {
+        "inductor": {"speedup": 1.0}, "tome0.5": {"speedup": 1.12, "median_s": 18.0},
+        "todo2": {"speedup": 1.19}, "tomesd": {"speedup": 1.18}, "tomesd+inductor": {"speedup": 0.9},
+        "todo:factor=3": {"error": "Traceback ..."}}}}}
+    paths = []
+    for name, data in (("a.json", a), ("b.json", b), ("speed.json", speed)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(data))
+    assert cli_main(["bench", "pareto", "--replot", f"{paths[0]},{paths[1]}", "--speeds", str(paths[2]),
+                     "-o", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    got = {p["label"]: p["speedup"] for p in result["points"]}
+    assert got == {"tomesd r=0.5 eager": 1.18, "graphprune tome:ratio=0.5": 1.12, "graphprune todo:factor=2": 1.19,
+                   "graphprune todo:factor=3": None}
+    assert [p["label"] for p in result["points"] if p["front"]] == ["graphprune todo:factor=2"]
+    assert (tmp_path / "out" / "pareto.png").exists()
+    assert cli_main(["bench", "pareto", "--speeds", str(paths[2]), "-o", str(tmp_path / "x")]) == 2  # needs --replot

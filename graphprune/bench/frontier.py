@@ -74,14 +74,67 @@ def save(result: dict[str, Any], out: str | Path) -> Path:
     return write_json(result, Path(out) / "pareto.json")
 
 
-def replot(path: str | Path, out: str | Path) -> dict[str, Any]:
-    """Front, table, plot and JSON again from a stored pareto.json (nothing is measured)."""
-    result = json.loads(Path(path).read_text())
-    if result.get("header", {}).get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: not a pareto.json of schema {SCHEMA_VERSION}")
-    result.setdefault("replotted_from", str(path))
+def replot(paths: str | Path | Sequence[str | Path], out: str | Path, speeds: str | Path | None = None
+           ) -> dict[str, Any]:
+    """Front, table, plot and JSON again from stored pareto.json files (nothing is measured).
+
+    Several files (a sweep run in parts) are joined: the first one's header and baseline, every file's points (a
+    label seen before is skipped). ``speeds``: a ``graphprune bench speed`` JSON whose paired speedups fill the
+    points it measured (:func:`merge_speeds`).
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    for path, r in zip(paths, results):
+        if r.get("header", {}).get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"{path}: not a pareto.json of schema {SCHEMA_VERSION}")
+    result = results[0]
+    seen = {p["label"] for p in result["points"]}
+    for r in results[1:]:
+        for point in r["points"]:
+            if point["label"] not in seen:
+                seen.add(point["label"])
+                result["points"].append(point)
+    result["replotted_from"] = [str(p) for p in paths]
+    if speeds is not None:
+        merge_speeds(result, json.loads(Path(speeds).read_text()), source=str(speeds))
     finish(result, out)
     return result
+
+
+def merge_speeds(result: dict[str, Any], speed: dict[str, Any], source: str = "") -> list[str]:
+    """Fill each point's ``speedup`` from a ``graphprune bench speed`` result at the sweep's latent: the variant with
+    the same graphprune options (tomesd: the same ratio). Those speedups are paired against the speed run's
+    baseline, all variants in one process. Returns the labels filled."""
+    from .variants import variant
+
+    header = result["header"]
+    latent = str(header.get("latent") or (header.get("options") or {}).get("latent") or "")
+    runs = speed.get("latents", {})
+    run = runs.get(latent) if latent in runs else (next(iter(runs.values())) if len(runs) == 1 else None)
+    if run is None:
+        raise ValueError(f"the speed result has no latent {latent or '?'} (it has {sorted(runs)})")
+    measured: list[tuple[Any, dict[str, Any]]] = []
+    for key, r in run["variants"].items():
+        if "error" in r or r.get("speedup") is None or key == run["baseline"]:
+            continue
+        v = variant(key)
+        if v.kind == "graphprune":
+            measured.append(({k: x for k, x in v.options.items() if k != "compiler"}, r))
+        elif v.kind == TOMESD and not v.inductor:
+            measured.append(((TOMESD, v.ratio), r))
+    filled = []
+    for point in result["points"]:
+        ident = (TOMESD, point.get("ratio")) if point.get("method") == TOMESD else point.get("options")
+        match = next((r for m, r in measured if m == ident), None)
+        if match is not None:
+            point["speedup"] = match["speedup"]
+            point["speed_source"] = {"file": source, "baseline": run["baseline"], "median_s": match.get("median_s"),
+                                     "other_cpu_cores": match.get("other_cpu_cores")}
+            filled.append(point["label"])
+    header["speeds_from"] = source or "a speed result"
+    header["speed_compiler"] = run["baseline"]
+    log.info("speedups from %s for %s", source or "the speed result", filled)
+    return filled
 
 
 def at_ratio(result: dict[str, Any], ratio: float) -> list[dict[str, Any]]:
@@ -138,7 +191,10 @@ def table(result: dict[str, Any]) -> str:
     lines.insert(0, f"{h['model']} | {h['device']} | {h['dtype']} | shapes {h['call_shapes']}" +
                  (f" | {h['loop']}" if "loop" in h else ""))
     paired = any("speedup_paired" in (p.get("speed") or {}) for p in result["points"])
-    lines.append(f"speedup = unpruned {h['speed_compiler']} / variant, one model call (batch 2), "
+    if h.get("speeds_from"):
+        lines.append(f"speedup: from the 'bench speed' run {h['speeds_from']} (every timed call paired with a call "
+                     f"of its baseline {h.get('speed_compiler', '')}, all variants in one process); - = not timed")
+    lines.append(f"speedup = unpruned {h.get('speed_compiler', 'inductor')} / variant, one model call (batch 2), "
                  + ("median of per-pair ratios, each timed call paired with a baseline call (the baseline row: its "
                     "own calls at the start); " if paired else "median / median; ")
                  + "ideal 1/(1-f) = "
