@@ -130,6 +130,8 @@ def merge_speeds(result: dict[str, Any], speed: dict[str, Any], source: str = ""
             point["speedup"] = match["speedup"]
             point["speed_source"] = {"file": source, "baseline": run["baseline"], "median_s": match.get("median_s"),
                                      "other_cpu_cores": match.get("other_cpu_cores")}
+            if not point.get("bounds") and match.get("flop_bound") is not None:
+                point["bounds"] = {"flop": match["flop_bound"], "ideal": match.get("ideal_bound")}
             filled.append(point["label"])
     header["speeds_from"] = source or "a speed result"
     header["speed_compiler"] = run["baseline"]
@@ -190,7 +192,7 @@ def table(result: dict[str, Any]) -> str:
     h = result["header"]
     lines.insert(0, f"{h['model']} | {h['device']} | {h['dtype']} | shapes {h['call_shapes']}" +
                  (f" | {h['loop']}" if "loop" in h else ""))
-    paired = any("speedup_paired" in (p.get("speed") or {}) for p in result["points"])
+    paired = any("speedup_paired" in (p.get("speed") or {}) for p in result["points"]) or bool(h.get("speeds_from"))
     if h.get("speeds_from"):
         lines.append(f"speedup: from the 'bench speed' run {h['speeds_from']} (every timed call paired with a call "
                      f"of its baseline {h.get('speed_compiler', '')}, all variants in one process); - = not timed")

@@ -449,7 +449,8 @@ class ExportOptions(BenchOptions):
 
 GPU_CALL_VARIANTS = ("inductor", "inductor-cudagraphs", "tome0.5", "tome:ratio=0.5:scope=block", "todo:factor=2",
                      "tomesd")
-GPU_STEP_VARIANTS = ("inductor", "inductor-cudagraphs", "deepcache3", "DeepCache3", "tome0.5")
+GPU_STEP_VARIANTS = ("inductor", "inductor-cudagraphs", "deepcache3", "deepcache3+tome0.5", "dato-coco", "DeepCache3",
+                     "todo2")
 
 
 @dataclass
@@ -481,6 +482,8 @@ class GpuOptions(BenchOptions):
         if self.quick:
             self.models, self.steps, self.compiler, self.runs, self.retries = ("tiny:16",), 2, "eager", 1, 0
             self.threads = self.threads or 1
+            # DaTo's presets are 50-step schedules: the dry run takes their uniform form
+            self.step_variants = tuple("dato3" if v.startswith("dato-") else v for v in self.step_variants)
 
     def model_specs(self) -> list[tuple[str, int]]:
         """``[(arch, latent), ...]`` from ``models``; ValueError naming the form."""
