@@ -77,7 +77,7 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     from .passes.cut import copy_graph_module
     from .passes.inline import inline_calls
 
-    patches = torch._inductor.list_mode_options(config.mode) if config.mode else None
+    patches = inductor_patches(config, example_inputs)
     rewritten = gm
     gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
     inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
@@ -99,6 +99,25 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
                  "as before, without the on-disk caches", config.method, type(exc).__name__, exc)
         _UNCACHED_LAZY.add(config.method)
         return compile_fx(copy_graph_module(rewritten), example_inputs, config_patches=patches)
+
+
+#: graphprune's Inductor settings for graphs on the CPU: without freezing, Inductor's layout optimization runs every
+#: convolution channels-last and copies each weight into that layout on every call (SD1.5 at latent 32, 1 thread:
+#: 5.57 s per call with it, 4.13 s without; ``python benchmarks/inductor_layout.py --arch sd15``)
+CPU_INDUCTOR_CONFIG: dict[str, Any] = {"layout_optimization": False}
+
+
+def inductor_patches(config: PruneConfig, example_inputs: list[Any]) -> dict[str, Any] | None:
+    """The ``torch._inductor.config`` patches of one compile: graphprune's CPU settings (every tensor input on the
+    CPU), then the ``mode``'s options, then the user's ``inductor_config``; None when there are none."""
+    patches: dict[str, Any] = {}
+    devices = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
+    if devices == {"cpu"}:
+        patches.update(CPU_INDUCTOR_CONFIG)
+    if config.mode:
+        patches.update(torch._inductor.list_mode_options(config.mode))
+    patches.update(config.inductor_config or {})
+    return patches or None
 
 
 def _static_fakes(example_inputs: list[Any]) -> list[Any]:

@@ -436,3 +436,27 @@ def test_gpu_dry_run(tmp_path):
     table = (out / "gpu.md").read_text()
     assert "## tiny, latent 16" in table and "whole 2-step" in table and "graphprune deepcache N=3" in table
     assert (out / "speed_tiny.json").exists() and (out / "steps_tiny.json").exists()
+
+
+@pytest.mark.slow
+def test_inductor_without_layout_optimization_is_its_own_compiled_baseline():
+    """``inductor-nolayout`` (graphprune's CPU setting, as a plain-Inductor baseline) compiles its own graph next to
+    ``inductor`` in one process (Dynamo's backend guard keeps the two apart) and computes the same output."""
+    from torch._dynamo.utils import counters
+
+    from graphprune.archs import example_inputs
+
+    torch._dynamo.reset()
+    model = variants.build_model("tiny").eval()
+    args, kwargs = example_inputs(model, latent=16, batch=2)
+    assert variants.variant("inductor-nolayout").inductor_config == {"layout_optimization": False}
+    with torch.no_grad():
+        default = variants.variant("inductor").build(model).fn
+        nolayout = variants.variant("inductor-nolayout").build(model).fn
+        before = counters["stats"]["unique_graphs"]
+        a, b = default(*args, **kwargs).sample, nolayout(*args, **kwargs).sample
+        assert counters["stats"]["unique_graphs"] - before == 2
+        default(*args, **kwargs), nolayout(*args, **kwargs)
+        assert counters["stats"]["unique_graphs"] - before == 2  # no recompile either way
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -155,10 +155,37 @@ def test_mode_is_forwarded_to_inductor(monkeypatch):
 
     monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
     block = models.HandAttentionBlock().eval()
-    fast = torch.compile(block, backend="graphprune",
-                         options={"method": "tome", "ratio": 0.5, "use_rand": False, "mode": "max-autotune"})
-    fast(torch.randn(2, 4, 8, 8))
-    assert seen["patches"] == torch._inductor.list_mode_options("max-autotune")
+
+    def patches(**options):
+        torch._dynamo.reset()
+        fast = torch.compile(block, backend="graphprune", options={"method": "tome", "ratio": 0.5, "use_rand": False,
+                                                                   **options})
+        fast(torch.randn(2, 4, 8, 8))
+        return seen["patches"]
+
+    # on the CPU graphprune turns Inductor's per-call weight layout copies off; mode and inductor_config come on top
+    assert patches() == {"layout_optimization": False}
+    assert patches(mode="max-autotune") == {"layout_optimization": False,
+                                             **torch._inductor.list_mode_options("max-autotune")}
+    assert patches(inductor_config={"layout_optimization": True, "max_autotune": False}) == {
+        "layout_optimization": True, "max_autotune": False}
+    torch._dynamo.reset()
+
+
+def test_inductor_settings_off_the_cpu_and_bad_ones():
+    from graphprune.inner import inductor_patches
+    from graphprune.methods import parse_options
+
+    config = parse_options({"method": "tome"})
+    assert inductor_patches(config, [torch.zeros(2, device="meta")]) is None  # only CPU graphs get graphprune's
+    assert inductor_patches(config, [torch.zeros(2), 3]) == {"layout_optimization": False}
+    for bad, words in (({"inductor_config": {"layout_optimisation": False}}, ["unknown", "layout_optimisation"]),
+                       ({"inductor_config": ["layout_optimization"]}, ["must be a dict"]),
+                       ({"inductor_config": {"layout_optimization": True}, "compiler": "eager"},
+                        ["needs compiler='inductor'"])):
+        with pytest.raises(ValueError) as info:
+            parse_options({"method": "tome", **bad})
+        assert all(w in str(info.value) for w in words)
 
 
 def test_aot_eager_compiler(tiny):

@@ -36,7 +36,8 @@ KINDS = ("eager", "inductor", "dynamo-eager", "graphprune", "tomesd", "deepcache
 UNPRUNED = ("eager", "inductor", "dynamo-eager")
 
 
-def compiled_call(model: torch.nn.Module, backend: str, mode: str | None = None) -> Callable[..., Any]:
+def compiled_call(model: torch.nn.Module, backend: str, mode: str | None = None,
+                  inductor_config: dict[str, Any] | None = None) -> Callable[..., Any]:
     """``torch.compile`` of a function that calls ``model`` (Dynamo inlines the model into its own graph).
 
     The compiled code object is this closure's, not ``type(model).forward``'s: Dynamo marks a code object it gave
@@ -48,7 +49,8 @@ def compiled_call(model: torch.nn.Module, backend: str, mode: str | None = None)
     def call(*args: Any, **kwargs: Any) -> Any:
         return model(*args, **kwargs)
 
-    return torch.compile(call, backend=backend, **({"mode": mode} if mode else {}))
+    extra = {"mode": mode} if mode else {"options": dict(inductor_config)} if inductor_config else {}
+    return torch.compile(call, backend=backend, **extra)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Variant:
     interval: int | None = None
     inductor: bool = False
     mode: str | None = None
+    inductor_config: dict[str, Any] | None = None
     error: str | None = None
 
     def __post_init__(self) -> None:
@@ -138,7 +141,7 @@ class Variant:
         if self.kind == "eager":
             return Built(model)
         if self.kind == "inductor":
-            return Built(compiled_call(model, "inductor", self.mode))
+            return Built(compiled_call(model, "inductor", self.mode, self.inductor_config))
         if self.kind == "dynamo-eager":
             return Built(compiled_call(model, "eager"))
         if self.kind == "graphprune":
@@ -195,6 +198,10 @@ def _catalogue() -> dict[str, Variant]:
         Variant("inductor", "inductor", "inductor"),
         Variant("inductor-cudagraphs", "inductor mode=reduce-overhead (CUDA graphs)", "inductor",
                 mode="reduce-overhead"),
+        # the best compiled baseline on CPU: Inductor without its per-call conv weight layout copies (graphprune's
+        # own setting for CPU graphs; python benchmarks/inductor_layout.py)
+        Variant("inductor-nolayout", "inductor layout_optimization=False", "inductor",
+                inductor_config={"layout_optimization": False}),
         Variant("dynamo-eager", "dynamo graph, eager backend", "dynamo-eager"),
         gp("sito0.5", "graphprune sito r=0.5", method="sito", ratio=0.5),
         gp("sito0.7", "graphprune sito r=0.7", method="sito", ratio=0.7),
