@@ -86,7 +86,7 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
     rewritten = gm
     if config.method not in NOT_INLINED:
         gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
-        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
+        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
     if _shape_env() is not None:  # inside Dynamo's compile of the frame
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=patches)
     # a variant compiled lazily at run time (a step kind's first call, a catome bucket): outside Dynamo's tracing
