@@ -419,6 +419,23 @@ def test_dato_pruning_runs_inside_probe_and_remainders(tiny):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+@pytest.mark.slow
+def test_deepcache_with_a_token_method_under_inductor_equals_the_eager_runtime(tiny):
+    """deepcache + prune={"method": "tome"} (the 50-step table's deepcache3+tome0.5, inlined graphs) compiled by
+    Inductor gives the eager runtime's outputs at every step (inlined DaTo did not: graphprune.inner.NOT_INLINED)."""
+    model, sample, ctx = tiny
+    xs = trajectory(sample, 5)
+    outs = {}
+    for compiler in ("eager", "inductor"):
+        torch._dynamo.reset()
+        fast, made = compile_steps(model, method="deepcache", cache_interval=2, compiler=compiler,
+                                   prune={"method": "tome", "ratio": 0.5, "use_rand": False})
+        outs[compiler] = (run(fast, xs, ctx, TIMESTEPS[:5]), made[0].kinds)
+    assert outs["eager"][1] == outs["inductor"][1] and "shallow" in outs["eager"][1]
+    for a, b in zip(outs["eager"][0], outs["inductor"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
 def test_deepcache_composes_with_a_per_step_token_method(tiny):
     """prune={"method": "tome", ...}: tomesd-style merging inside the probe, the full and the shallow remainders;
     every step equals the reference ToMe UNet (full steps) or that UNet on the cached feature (shallow steps)."""
