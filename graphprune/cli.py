@@ -256,7 +256,7 @@ def _add_option_fields(p: argparse.ArgumentParser, cls: type) -> None:
             continue
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
-            kwargs.update(type=lambda text, item=item: tuple(item(x.strip()) for x in text.split(",") if x.strip()),
+            kwargs.update(type=lambda text, item=item: tuple(item(x.strip()) for x in split_list(text) if x.strip()),
                           default=",".join(str(x) for x in f.default) if f.default is not None else None,
                           metavar=meta["metavar"] or f.name.upper().rstrip("S") + ",...")
         else:
@@ -265,6 +265,23 @@ def _add_option_fields(p: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = meta["choices"]
             kwargs.pop("metavar", None)
         target.add_argument(*([meta["short"]] if meta["short"] else []), name, **kwargs)
+
+
+def split_list(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, braces and quotes: ``a,b:x={"p": 1, "q": 2}`` -> 2 items."""
+    items, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in "[{(":
+            depth += 1
+        elif not quoted and ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0 and not quoted:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -161,6 +161,16 @@ def config_fields(cls: type[PruneConfig]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+#: the options that only mean something to Inductor (dropped when a caller runs the rewritten graphs eagerly)
+INDUCTOR_ONLY_OPTIONS = ("mode", "inductor_config")
+
+
+def eager_compiler_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with ``compiler="eager"`` (the rewritten graphs run as FX code) and without Inductor's settings,
+    for callers that run a user's configuration without Inductor (FLOP counting, ``-fx`` benchmark variants)."""
+    return {**{k: v for k, v in options.items() if k not in INDUCTOR_ONLY_OPTIONS}, "compiler": "eager"}
+
+
 def build_config(cls: type[PruneConfig], options: Mapping[str, Any]) -> PruneConfig:
     """``cls(**options)``, rejecting keys that are not fields of ``cls`` with the list of valid ones."""
     valid = config_fields(cls)

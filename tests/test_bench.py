@@ -149,6 +149,11 @@ def test_catalogue_names_fx_forms_peers_and_specs():
     combined = variants.variant('deepcache:cache_interval=3:prune={"method": "tome", "ratio": 0.5}')  # ':' in JSON
     assert combined.options == {"method": "deepcache", "cache_interval": 3, "prune": {"method": "tome", "ratio": 0.5}}
     assert combined.options == variants.variant("deepcache3+tome0.5").options
+    # a ',' inside a JSON value does not split the --variants list
+    from graphprune.cli import build_parser
+    args = build_parser().parse_args(["bench", "speed", "--variants",
+                                      'eager,todo:inductor_config={"freezing": true, "layout_optimization": true}'])
+    assert args.variants == ("eager", 'todo:inductor_config={"freezing": true, "layout_optimization": true}')
     with pytest.raises(ValueError, match="choose from .*sito0.5"):
         variants.variant("fancy0.5")
     with pytest.raises(ValueError, match="registered methods"):

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
+from ..config import eager_compiler_options
 from .calls import Template, with_sample_and_timestep
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class GraphFlops:
     """
 
     def __init__(self, options: dict[str, Any]):
-        self.options = {**options, "compiler": "eager"}
+        self.options = eager_compiler_options(options)
         self.reports: list[Any] = []
         self.graphs = 0
         self.counting = False
@@ -294,7 +295,7 @@ def flops_per_kind(unet: torch.nn.Module, options: dict[str, Any] | None, templa
     made: list[Any] = []
 
     def backend(gm: Any, example_inputs: Any) -> Any:
-        fn = graphprune_backend(gm, example_inputs, options={**options, "compiler": "eager"})
+        fn = graphprune_backend(gm, example_inputs, options=eager_compiler_options(options))
         made.append(fn)
         return fn if isinstance(fn, StepRuntime) else counting("full", fn)
 

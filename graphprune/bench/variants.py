@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..config import eager_compiler_options
 from .options import resolve_methods
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ class Variant:
         if self.kind == "dynamo-eager":
             return Built(compiled_call(model, "eager"))
         if self.kind == "graphprune":
-            options = dict(self.options) if compiler is None else {**self.options, "compiler": compiler}
+            options = (dict(self.options) if compiler is None else eager_compiler_options(self.options)
+                       if compiler == "eager" else {**self.options, "compiler": compiler})
             return Built(torch.compile(model, backend="graphprune", options=options))
         patched = copy.deepcopy(model)
         helper = None
@@ -202,6 +204,9 @@ def _catalogue() -> dict[str, Variant]:
         # own setting for CPU graphs; python benchmarks/inductor_layout.py)
         Variant("inductor-nolayout", "inductor layout_optimization=False", "inductor",
                 inductor_config={"layout_optimization": False}),
+        # Inductor with freezing (weights become constants: conv weights prepacked once, not per call); stale
+        # results if the weights change after compiling, so an opt-in for users and for graphprune
+        Variant("inductor-freezing", "inductor freezing=True", "inductor", inductor_config={"freezing": True}),
         Variant("dynamo-eager", "dynamo graph, eager backend", "dynamo-eager"),
         gp("sito0.5", "graphprune sito r=0.5", method="sito", ratio=0.5),
         gp("sito0.7", "graphprune sito r=0.7", method="sito", ratio=0.7),
@@ -215,6 +220,8 @@ def _catalogue() -> dict[str, Variant]:
         gp("deepcache3+tome0.5", "graphprune deepcache N=3 + tome r=0.5", method="deepcache", cache_interval=3,
            prune={"method": "tome", "ratio": 0.5}),
         gp("todo2", "graphprune ToDo f=2", method="todo", factor=2),
+        gp("todo2-freezing", "graphprune ToDo f=2, Inductor freezing", method="todo", factor=2,
+           inductor_config={"freezing": True, "layout_optimization": True}),
         gp("dato-imagenet", "graphprune dato r=0.4 S_A", method="dato", schedule="dato-imagenet"),
         gp("dato-coco", "graphprune dato r=0.4 S_B", method="dato", schedule="dato-coco"),
         Variant("DeepCache3", "DeepCache pkg N=3 (eager)", "deepcache", interval=3),
@@ -269,8 +276,8 @@ def variant(name: str) -> Variant:
         return copy.deepcopy(CATALOGUE[name])
     base = CATALOGUE.get(name[:-len(FX)]) if name.endswith(FX) else None
     if base is not None and base.kind == "graphprune":
-        v = base.with_options(compiler="eager")
-        return dataclasses.replace(v, key=name, label=f"{v.label} (fx)")
+        return dataclasses.replace(base, key=name, label=f"{base.label} (fx)",
+                                   options=eager_compiler_options(base.options))
     peer = re.fullmatch(r"(tomesd|DeepCache)(\d+(?:\.\d+)?)(\+inductor)?", name)
     if peer:
         kind, number, ind = peer.groups()
