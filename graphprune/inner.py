@@ -58,11 +58,6 @@ class RandomFeed:
 
 log = logging.getLogger(__name__)
 
-#: methods whose graphs are compiled without the inline pass (so AOTAutograd's cache bypasses them): DaTo's inlined
-#: graphs compute wrong results under Inductor with policy="first-block" or forecast="taylor" (tiny UNet: up to 1e-2
-#: off the eager runtime; plain schedules match). Cause not found yet (issue 17); its first symptom, a guard-building
-#: IndexError, is fixed by :func:`_static_fakes`.
-NOT_INLINED = frozenset({"dato"})
 #: methods whose lazily built variants failed to compile in the static-shape tracing context (tried once per process)
 _UNCACHED_LAZY: set[str] = set()
 
@@ -84,9 +79,8 @@ def compile_inner(gm: GraphModule, example_inputs: list[Any], config: PruneConfi
 
     patches = inductor_patches(config, example_inputs)
     rewritten = gm
-    if config.method not in NOT_INLINED:
-        gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
-        inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
+    gm = copy_graph_module(gm)  # the rewritten graph stays as it is (inspect, graphprune_graph)
+    inline_calls(gm)  # cacheable op identities: AOTAutograd's cache bypasses graphs holding Python closures
     if _shape_env() is not None:  # inside Dynamo's compile of the frame
         return compile_fx(gm, _static_fakes(example_inputs), config_patches=patches)
     # a variant compiled lazily at run time (a step kind's first call, a catome bucket): outside Dynamo's tracing

@@ -115,3 +115,27 @@ def test_a_second_compile_loads_from_the_caches_and_another_config_does_not_coll
     assert cold.get("autograd_cache_miss") == 1 and cold.get("autograd_cache_saved") == 1 and "autograd_cache_bypass" not in cold
     assert warm.get("autograd_cache_hit") == 1 and torch.equal(first, second)
     assert third.get("autograd_cache_miss") == 1 and not torch.equal(first, other)
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs()
+
+
+_difference.__module__ = "graphprune.tests"  # an inserted function, as the rewrite's are
+
+
+def test_inputs_sharing_one_meta_value_stay_two_inputs():
+    """Regression (issue 17): DaTo's step graph held ``eps_prev`` and ``eps_prev2`` with one shared meta value; make_fx
+    maps tensors to inputs by identity, so the inlined plan computed ``eps_prev2 - eps_prev2`` (zero dynamics) and
+    inlined DaTo gave wrong results under Inductor with policy="first-block" or forecast="taylor"."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    shared = FakeTensorMode().from_tensor(torch.zeros(2, 3))
+    a.meta["val"] = b.meta["val"] = shared
+    graph.output(graph.call_function(_difference, (a, b)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert inline_calls(gm) == 1 and not any(is_graphprune_call(n) for n in gm.graph.nodes)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(gm(x, y), (x - y).abs())

@@ -422,7 +422,7 @@ def test_dato_pruning_runs_inside_probe_and_remainders(tiny):
 @pytest.mark.slow
 def test_deepcache_with_a_token_method_under_inductor_equals_the_eager_runtime(tiny):
     """deepcache + prune={"method": "tome"} (the 50-step table's deepcache3+tome0.5, inlined graphs) compiled by
-    Inductor gives the eager runtime's outputs at every step (inlined DaTo did not: graphprune.inner.NOT_INLINED)."""
+    Inductor gives the eager runtime's outputs at every step."""
     model, sample, ctx = tiny
     xs = trajectory(sample, 5)
     outs = {}
@@ -559,6 +559,9 @@ def test_calibrate_command_writes_ratios_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_first_block_with_taylor_under_inductor_equals_the_eager_runtime(tiny):
+    """DaTo (inlined graphs: probe, full and shallow remainders; state inputs eps_prev, eps_prev2 and Taylor's) under
+    Inductor gives the eager runtime's outputs at every step (inlined, it once read eps_prev2 for eps_prev:
+    tests/test_inline.py::test_inputs_sharing_one_meta_value_stay_two_inputs)."""
     model, sample, ctx = tiny
     xs = trajectory(sample, 5)
     outs = {}

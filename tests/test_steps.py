@@ -341,16 +341,12 @@ def test_dato_inductor_matches_eager_runtime(tiny):
 
 
 @pytest.mark.slow
-def test_dato_preset_compiles_with_inlined_cacheable_graphs_under_inductor(tiny, monkeypatch):
+def test_dato_preset_compiles_with_inlined_cacheable_graphs_under_inductor(tiny):
     """Regression (issue 17): with DaTo's graphs inlined, the S_A preset's first Inductor compile broke Dynamo's guard
     building (IndexError in produce_guards): the step runtime's zero state inputs became dynamic size symbols with no
-    source. Inlined (DaTo is not by default: graphprune.inner.NOT_INLINED), its graphs now compile with no
-    AOTAutograd cache bypass and match the eager compiler."""
+    source. Its graphs now compile with no AOTAutograd cache bypass and match the eager compiler."""
     from torch._dynamo.utils import counters
 
-    import graphprune.inner
-
-    monkeypatch.setattr(graphprune.inner, "NOT_INLINED", frozenset())
     model, sample, ctx = tiny
     timesteps = [int(t) for t in torch.linspace(981, 1, 50).long()][:3]
     outs = {}

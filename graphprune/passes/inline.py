@@ -16,6 +16,7 @@ tracing error) is left as it is, logged, and its graph is then compiled uncached
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -49,6 +50,8 @@ def _trace(fn: Callable[..., Any], args: Any, kwargs: Any) -> tuple[GraphModule,
 
     leaves, spec = pytree.tree_flatten((args, kwargs))
     positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    tensor_positions = set(positions)
+    leaves = [_fresh(x) if i in tensor_positions else x for i, x in enumerate(leaves)]
 
     def flat(*tensors: torch.Tensor) -> Any:
         full = list(leaves)
@@ -60,6 +63,18 @@ def _trace(fn: Callable[..., Any], args: Any, kwargs: Any) -> tuple[GraphModule,
     with torch.no_grad():
         sub = make_fx(flat, tracing_mode="fake")(*[leaves[i] for i in positions])
     return sub, positions, spec
+
+
+def _fresh(value: torch.Tensor) -> torch.Tensor:
+    """A new tensor object (of ``value``'s fake mode, if any) with ``value``'s shape, strides, dtype and device.
+    make_fx maps tensors to graph inputs by identity: two inputs holding one object (graph values sharing a meta
+    value, e.g. a step runtime's ``eps_prev`` and ``eps_prev2``) would trace as one input, and the spliced ops would
+    then read the first input in place of the second. Fresh objects give every position its own placeholder."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = value.fake_mode if isinstance(value, FakeTensor) else contextlib.nullcontext()
+    with mode:
+        return torch.empty_strided(tuple(value.shape), value.stride(), dtype=value.dtype, device=value.device)
 
 
 class _Unstable(Exception):
