@@ -286,6 +286,20 @@ def test_speed_smoke(tmp_path, capsys):
         assert key in result["header"], key
 
 
+def test_speed_pairs_against_the_peer_when_asked(tmp_path, capsys):
+    """--baseline tomesd: every timed call of the other variants is paired with a tomesd call (the direct ratio over
+    the peer); the bounds, speedups over the unpruned model, are not reported."""
+    out = tmp_path / "speed.json"
+    assert cli_main(["bench", "speed", "--quick", "--baseline", "tomesd", "--variants", "tome0.5-fx,eager",
+                     "--out", str(out), "--log-level", "WARNING"]) == 0
+    assert "speedup vs tomesd" in capsys.readouterr().out
+    lat = json.loads(out.read_text())["latents"]["16"]
+    assert list(lat["variants"]) == ["tomesd", "tome0.5-fx", "eager"] and lat["baseline"] == "tomesd"
+    for key in ("tome0.5-fx", "eager"):
+        _check_paired(lat["variants"][key], 2)
+        assert "flop_bound" not in lat["variants"][key]
+
+
 def test_steps_smoke(tmp_path):
     out, png = tmp_path / "steps.json", tmp_path / "steps.png"
     assert cli_main(["bench", "steps", "--quick", "--variants", "eager,deepcache3-fx,DeepCache3", "--out", str(out),

@@ -247,8 +247,9 @@ class SpeedOptions(BenchOptions):
     batch: int = opt(2, "batch size (2 = classifier-free guidance)")
     variants: tuple[str, ...] = opt(SPEED_VARIANTS, "comma-separated variants (graphprune bench variants lists "
                                     "them; METHOD:key=value:... for any graphprune options)")
-    baseline: str | None = opt(None, "the unpruned variant every timed call is paired with (None: inductor, or "
-                               "eager when only eager is listed)", choices=("inductor", "eager"), group=PROTOCOL)
+    baseline: str | None = opt(None, "the variant every timed call is paired with (None: inductor, or eager when "
+                               "only eager is listed); any variant name, e.g. tomesd to pair every call against the "
+                               "peer (the Amdahl/FLOP bounds are then not reported)", group=PROTOCOL)
     error_timestep: int = opt(500, "timestep of the call compared with the unpruned eager output")
     seed: int = opt(0, "seed of the model weights")
     runs: int = opt(5, "timed calls per variant, each paired with a baseline call (median of the per-pair ratios)",
