@@ -293,8 +293,8 @@ class StepsOptions(BenchOptions):
     variants: tuple[str, ...] = opt(STEPS_VARIANTS, "comma-separated variants (graphprune bench variants lists "
                                     "them)")
     baseline: str | None = opt(None, "the unpruned variant every timed generation is paired with (None: "
-                               "inductor, or eager when only eager is listed)", choices=("inductor", "eager"),
-                               group=PROTOCOL)
+                               "inductor, or eager when only eager is listed; e.g. inductor-nolayout, the best "
+                               "compiled baseline on CPU)", group=PROTOCOL)
     runs: int = opt(1, "timed generations per variant, each paired with a baseline generation", group=PROTOCOL)
     warmup: int = opt(0, "warm-up generations after the first (compiling) one", group=PROTOCOL)
     retries: int = opt(0, "repeat contended timed generations up to this often", group=PROTOCOL)

@@ -219,6 +219,8 @@ def _catalogue() -> dict[str, Variant]:
         gp("dato3", "graphprune dato r=0.4 N=3", method="dato", cache_interval=3),
         gp("deepcache3+tome0.5", "graphprune deepcache N=3 + tome r=0.5", method="deepcache", cache_interval=3,
            prune={"method": "tome", "ratio": 0.5}),
+        gp("deepcache3+todo2", "graphprune deepcache N=3 + ToDo f=2", method="deepcache", cache_interval=3,
+           prune={"method": "todo", "factor": 2}),
         gp("todo2", "graphprune ToDo f=2", method="todo", factor=2),
         gp("todo2-freezing", "graphprune ToDo f=2, Inductor freezing", method="todo", factor=2,
            inductor_config={"freezing": True, "layout_optimization": True}),
