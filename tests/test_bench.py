@@ -479,3 +479,31 @@ def test_inductor_without_layout_optimization_is_its_own_compiled_baseline():
         assert counters["stats"]["unique_graphs"] - before == 2  # no recompile either way
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_headers_record_the_allocator_and_thread_environment(monkeypatch):
+    """CPU timings move 1.15x with the glibc allocator tunables (README, "CPU: keep freed memory"): every header
+    records them, and the printed header shows them."""
+    from graphprune.bench.env import environment, format_header
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    header = environment("cpu", torch.float32)
+    assert header["env"]["GLIBC_TUNABLES"] == "glibc.malloc.mmap_max=0" and "LD_PRELOAD" not in header["env"]
+    assert "environment GLIBC_TUNABLES=glibc.malloc.mmap_max=0" in format_header(header)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_diagnostic_scripts_run_and_have_help():
+    """benchmarks/cpu_allocator.py (tiny eager UNet, 2 pairs: glibc defaults vs freed memory kept, in a child process
+    since it switches the allocator) and benchmarks/inductor_layout.py --help."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks/cpu_allocator.py"), "--arch", "tiny", "--latent",
+                          "16", "--model", "eager", "--runs", "2", "--threads", "1"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "freed memory kept: minor page faults per call" in run.stdout and "paired ratios" in run.stdout
+    for script in ("cpu_allocator.py", "inductor_layout.py"):
+        helped = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"], capture_output=True,
+                                text=True, timeout=300)
+        assert helped.returncode == 0 and "usage:" in helped.stdout, helped.stderr

@@ -111,6 +111,17 @@ def device_name(device: torch.device) -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
+#: environment variables that change CPU timings (allocator, OpenMP): recorded in every header when set
+TIMING_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+              "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS", "KMP_AFFINITY", "TORCHINDUCTOR_FREEZING")
+
+
+def timing_env() -> dict[str, str]:
+    """The :data:`TIMING_ENV` variables set in this process (e.g. the glibc allocator tunables of the README's CPU
+    tip: without them every large tensor is a fresh mmap, page-faulted on each call)."""
+    return {k: os.environ[k] for k in TIMING_ENV if k in os.environ}
+
+
 def environment(device: torch.device | str, dtype: torch.dtype | str, module: torch.nn.Module | None = None,
                 template: tuple[tuple[Any, ...], dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
     """The header of a benchmark's result: versions, device, CPU, threads, dtype, the config of ``module`` and the
@@ -125,7 +136,7 @@ def environment(device: torch.device | str, dtype: torch.dtype | str, module: to
         "device": device_name(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""),
         "loadavg_start": loadavg(), "git_commit": git_commit(), "graphprune_uncommitted": git_dirty(),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "env": timing_env(),
     }
     if module is not None:
         header["model_config"] = model_summary(module)
@@ -143,6 +154,8 @@ def format_header(h: dict[str, Any]) -> str:
              + (" (uncommitted changes)" if h.get("graphprune_uncommitted") else ""),
              f"device {h.get('device')} ({h.get('cpu')}, {h.get('cpu_count')} CPUs, {h.get('threads')} threads) | "
              f"dtype {h.get('dtype')} | load average at start {h.get('loadavg_start')}"]
+    if h.get("env"):
+        lines.append("environment " + " ".join(f"{k}={v}" for k, v in h["env"].items()))
     if h.get("model_config"):
         lines.append(f"model {h.get('model', '')}: {json.dumps(h['model_config'])}")
     if h.get("call_shapes"):
@@ -153,5 +166,5 @@ def format_header(h: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["environment", "format_header", "cpu_busy_s", "other_cpu_share", "loadavg", "git_commit", "git_dirty",
+__all__ = ["environment", "timing_env", "format_header", "cpu_busy_s", "other_cpu_share", "loadavg", "git_commit", "git_dirty",
            "cpu_model", "model_summary", "call_shapes"]
