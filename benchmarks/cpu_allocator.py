@@ -6,8 +6,8 @@
     python benchmarks/cpu_allocator.py --threads 1 --latent 64 --model todo2   # graphprune's default
 
 By default glibc serves every large allocation (above a dynamic threshold of at most 32 MiB) with a fresh ``mmap``
-and unmaps it on free, so each UNet call page-faults and zeroes its activations again (~0.45-0.75 million minor
-faults per SD1.5 call at latent 32-64). ``mallopt(M_MMAP_MAX, 0)`` with a large ``M_TRIM_THRESHOLD`` keeps freed
+and unmaps it on free, so each UNet call page-faults and zeroes its activations again (~0.58 million minor
+faults per SD1.5 call at latent 32). ``mallopt(M_MMAP_MAX, 0)`` with a large ``M_TRIM_THRESHOLD`` keeps freed
 memory in the heap for reuse; the same as starting Python with
 ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824``. Both settings are switched at
 run time here, so every timed call with memory kept is paired with a call under glibc's defaults in one process
