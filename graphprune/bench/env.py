@@ -166,5 +166,5 @@ def format_header(h: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["environment", "timing_env", "format_header", "cpu_busy_s", "other_cpu_share", "loadavg", "git_commit", "git_dirty",
-           "cpu_model", "model_summary", "call_shapes"]
+__all__ = ["environment", "timing_env", "format_header", "cpu_busy_s", "other_cpu_share", "loadavg", "git_commit",
+           "git_dirty", "cpu_model", "model_summary", "call_shapes"]

@@ -146,8 +146,10 @@ class Variant:
         if self.kind == "dynamo-eager":
             return Built(compiled_call(model, "eager"))
         if self.kind == "graphprune":
-            options = (dict(self.options) if compiler is None else eager_compiler_options(self.options)
-                       if compiler == "eager" else {**self.options, "compiler": compiler})
+            if compiler == "eager":
+                options = eager_compiler_options(self.options)
+            else:
+                options = dict(self.options) if compiler is None else {**self.options, "compiler": compiler}
             return Built(torch.compile(model, backend="graphprune", options=options))
         patched = copy.deepcopy(model)
         helper = None
